@@ -1,0 +1,1 @@
+"""The `longdoc` command (typer + rich)."""

@@ -1,0 +1,187 @@
+"""`longdoc ask FILE QUESTION` and `longdoc info`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from longdoc import LongDocError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ask a local LLM about a whole document.")
+err = Console(stderr=True)
+
+DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def ask(
+    file: str = typer.Argument(..., help="A .pdf, .txt or .md file, or - for stdin."),
+    question: str = typer.Argument(..., help="The question about the document."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face hub id or local model folder."),
+    method: str = typer.Option("gemfilter", help="Prefill method: full or gemfilter."),
+    top_k: int | None = typer.Option(None, help="GemFilter: context tokens kept (default 1024)."),
+    filter_layer: int | None = typer.Option(None, help="GemFilter: the selecting layer (default: known or 0.4 depth)."),
+    max_new_tokens: int = typer.Option(256, help="Most tokens to generate."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help="auto, bfloat16, float16 or float32."),
+    password: str | None = typer.Option(None, help="Password of an encrypted PDF."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+    evidence: bool = typer.Option(True, "--evidence/--no-evidence", help="Show the kept spans under the answer."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    trust_remote_code: bool = typer.Option(False, help="Run the model repo's own code (off by default)."),
+) -> None:
+    """Answer QUESTION about FILE; the answer streams to stdout, progress goes to stderr."""
+    try:
+        _ask(
+            file,
+            question,
+            model,
+            method,
+            top_k,
+            filter_layer,
+            max_new_tokens,
+            device,
+            dtype,
+            password,
+            as_json,
+            evidence,
+            quiet,
+            trust_remote_code,
+        )
+    except LongDocError as exc:
+        fail(str(exc))
+
+
+def _ask(
+    file,
+    question,
+    model,
+    method,
+    top_k,
+    filter_layer,
+    max_new_tokens,
+    device,
+    dtype,
+    password,
+    as_json,
+    show_evidence,
+    quiet,
+    trust_remote_code,
+) -> None:
+    from longdoc import LongDoc
+    from longdoc.documents import load_document
+
+    options = {k: v for k, v in {"top_k": top_k, "filter_layer": filter_layer}.items() if v is not None}
+    if not question.strip():
+        raise LongDocError("the question is empty; ask something about the document")
+    status = err.status("reading", spinner="dots") if not quiet else None
+    if status:
+        status.start()
+    try:
+        document = load_document(file, password)
+        if status:
+            status.update(f"loading {model}")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        doc = LongDoc.from_pretrained(
+            model, method=method, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options
+        )
+    finally:
+        if status:
+            status.stop()
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=quiet,
+    )
+    tasks: dict[str, int] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    answer = None
+    with bar:
+        pieces = doc.stream_answer(document.text, question, progress=progress, max_new_tokens=max_new_tokens)
+        first = next(pieces)
+    for piece in _chain(first, pieces):
+        if isinstance(piece, str):
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        else:
+            answer = piece
+    spans = [
+        {
+            "file": document.source,
+            "page": document.page_at(e.start),
+            "start": e.start,
+            "end": e.end,
+            "quote": e.quote,
+            "score": round(e.score, 4),
+        }
+        for e in answer.evidence
+    ]
+    if as_json:
+        print(json.dumps({"answer": answer.text, "evidence": spans, "stats": asdict(answer.stats)}, indent=2))
+        return
+    sys.stdout.write("\n")
+    if show_evidence and spans:
+        out = Console()
+        out.print("\n[bold]Evidence[/] (kept spans, strongest first):", highlight=False)
+        for span in spans[:5]:
+            page = f"p.{span['page']} " if span["page"] else ""
+            out.print(f"  {page}[{span['start']}:{span['end']}] {span['quote']}", highlight=False, markup=False)
+    s = answer.stats
+    if not quiet:
+        err.print(
+            f"{s.method}: kept {s.tokens_kept}/{s.tokens_in} tokens, prefill {s.prefill_seconds:.2f}s, "
+            f"{s.tokens_out} tokens in {s.decode_seconds:.2f}s",
+            highlight=False,
+        )
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+@app.command()
+def info() -> None:
+    """Versions, devices, methods and supported model families."""
+    import torch
+    import transformers
+
+    import longdoc
+    from longdoc.arch import FAMILY_NAMES
+    from longdoc.methods import METHODS
+
+    out = Console()
+    out.print(f"longdoc {longdoc.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            out.print(f"device cuda:{i}: {torch.cuda.get_device_name(i)}")
+    else:
+        out.print("device: cpu (no CUDA GPU visible)")
+    out.print(f"methods: {', '.join(METHODS)}")
+    out.print(f"model families: {', '.join(FAMILY_NAMES.values())}")
+    out.print(f"default model: {DEFAULT_MODEL}")
+
+
+if __name__ == "__main__":
+    app()

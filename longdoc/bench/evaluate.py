@@ -1,0 +1,55 @@
+"""Run needle samples through a LongDoc and record every answer."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+from ..api import LongDoc
+from .needle import Haystacks, is_correct
+
+
+def needle_records(
+    doc: LongDoc,
+    haystacks: Haystacks,
+    *,
+    length: int,
+    needles: int = 1,
+    samples: int = 20,
+    depths: Iterable[float] | None = None,
+    passkey: bool = False,
+    seed: int = 0,
+    max_new_tokens: int = 32,
+) -> list[dict]:
+    """Ask `samples` fresh haystacks of about `length` tokens; one record per sample.
+
+    With `depths`, the samples cycle through them; otherwise the asked needle's depth is random.
+    The same seed gives the same haystacks to every method, so methods compare like for like.
+    """
+    rng = random.Random(f"{seed}-{length}-{needles}-{passkey}")
+    depth_list = list(depths) if depths is not None else None
+    records = []
+    for i in range(samples):
+        depth = depth_list[i % len(depth_list)] if depth_list else None
+        sample = haystacks.sample(rng, length, needles=needles, depth=depth, passkey=passkey)
+        answer = doc.ask(sample.context, sample.question, max_new_tokens=max_new_tokens)
+        records.append(
+            dict(
+                method=doc.method.name,
+                length=length,
+                tokens_in=answer.stats.tokens_in,
+                tokens_kept=answer.stats.tokens_kept,
+                needles=needles,
+                passkey=passkey,
+                depth=round(sample.depths[sample.target], 3),
+                correct=is_correct(answer.text, sample),
+                answer=answer.text,
+                expected=sample.value,
+                prefill_seconds=round(answer.stats.prefill_seconds, 4),
+            )
+        )
+    return records
+
+
+def accuracy(records: list[dict]) -> float:
+    return sum(r["correct"] for r in records) / max(1, len(records))

@@ -1,0 +1,52 @@
+"""Kept context tokens -> merged character spans of the source, strongest first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .prompt import PromptLayout
+
+QUOTE_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Evidence:
+    start: int  # character offset in the context text
+    end: int
+    quote: str
+    score: float
+    tokens: int  # kept tokens in this span
+
+
+def evidence_spans(
+    layout: PromptLayout, kept: torch.Tensor, scores: torch.Tensor, max_gap: int = 2, limit: int = 50
+) -> list[Evidence]:
+    """Merge kept context tokens that lie within `max_gap` tokens of each other into spans.
+
+    A span's score is the highest score among its tokens; spans come strongest first.
+    """
+    if kept is None or kept.numel() == 0:
+        return []
+    kept_list = kept.tolist()
+    score_list = scores.tolist()
+    runs: list[tuple[int, int, float, int]] = []
+    first = last = kept_list[0]
+    best, count = score_list[0], 1
+    for index, score in zip(kept_list[1:], score_list[1:], strict=True):
+        if index - last <= max_gap:
+            last, best, count = index, max(best, score), count + 1
+        else:
+            runs.append((first, last, best, count))
+            first = last = index
+            best, count = score, 1
+    runs.append((first, last, best, count))
+    spans = []
+    for first, last, best, count in sorted(runs, key=lambda r: -r[2])[:limit]:
+        start, end = layout.context_offsets[first][0], layout.context_offsets[last][1]
+        quote = " ".join(layout.context_text[start:end].split())
+        if len(quote) > QUOTE_CHARS:
+            quote = quote[: QUOTE_CHARS - 1] + "\u2026"
+        spans.append(Evidence(start=start, end=end, quote=quote, score=float(best), tokens=count))
+    return spans

@@ -1,0 +1,112 @@
+"""Decoding from a prefilled cache: greedy or sampled, stop strings, EOS, token streaming."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .arch import Arch
+from .errors import LongDocError
+from .methods.base import Prefilled
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise LongDocError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LongDocError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LongDocError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """EOS ids from the generation config (int or list) and the tokenizer."""
+    ids: set[int] = set()
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+@torch.inference_mode()
+def step(arch: Arch, token: int, position: int, prefilled: Prefilled) -> torch.Tensor:
+    """Feed one token at `position`; return the next (1, vocab) float32 logits."""
+    ids = torch.tensor([[token]], device=arch.device)
+    hidden = arch.embed(ids)
+    position_embeddings = arch.rotary(hidden, torch.tensor([[position]], device=arch.device))
+    for i in range(arch.num_layers):
+        hidden = arch.run_layer(i, hidden, position_embeddings, prefilled.cache, None)
+    return arch.logits(arch.final_norm(hidden))[:, -1]
+
+
+def pick(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> int:
+    if config.temperature == 0:
+        return int(logits.argmax(-1))
+    probs = torch.softmax(logits[0] / config.temperature, -1)
+    if config.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(0) - sorted_probs > config.top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate_tokens(
+    arch: Arch, prefilled: Prefilled, config: GenerationConfig, eos_ids: Iterable[int]
+) -> Iterator[int]:
+    """Yield generated token ids until EOS or `max_new_tokens`. Positions continue at `next_position`."""
+    eos = set(eos_ids)
+    generator = None
+    if config.seed is not None:
+        generator = torch.Generator(device=prefilled.last_logits.device).manual_seed(config.seed)
+    logits = prefilled.last_logits
+    position = prefilled.next_position
+    for i in range(config.max_new_tokens):
+        token = pick(logits, config, generator)
+        if token in eos:
+            return
+        yield token
+        if i + 1 < config.max_new_tokens:
+            logits = step(arch, token, position, prefilled)
+            position += 1
+
+
+def stream_text(tokenizer, tokens: Iterable[int], stop: tuple[str, ...] = ()) -> Iterator[str]:
+    """Turn token ids into text pieces; end at the first stop string (which is not emitted).
+
+    Text that could still become a stop string, or an incomplete UTF-8 character, is held back
+    until the next token decides it.
+    """
+    ids: list[int] = []
+    emitted = 0
+    hold = max((len(s) for s in stop), default=1) - 1
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s, max(0, emitted - hold)) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            if cut > emitted:
+                yield text[emitted:cut]
+            return
+        safe = len(text) - hold
+        while safe > emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if len(text) > emitted:
+        yield text[emitted:]

@@ -1,0 +1,143 @@
+"""GemFilter (arXiv 2409.17422): early layers pick the tokens that matter; the model re-reads only those.
+
+Pass 1 runs layers 0..r-1 over the whole prompt with no cache. At layer r the last token's query
+(after RoPE) is dotted with every key: raw logits, no softmax or 1/sqrt(d), keys shared across a
+GQA group, summed over all query heads, smoothed by a 1-D average pool (kernel 5). The top_k
+context tokens, in their original order, plus the whole prefix and suffix, are then prefilled
+through the full model with fresh positions 0..m-1, and decoding continues at position m.
+
+Differences from the reference code, on purpose: the prefix (BOS / attention sink, system prompt)
+and the suffix (question, assistant header) are always kept, and `top_k` counts context tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..arch import Arch
+from ..cache import KVCache
+from ..errors import LongDocError
+from ..progress import ProgressHook, no_progress
+from ..prompt import PromptLayout
+from .base import Prefilled, Timer, run_model
+
+log = logging.getLogger(__name__)
+
+# Filter layers reported by the GemFilter paper (0-based), matched against the model's name or path.
+KNOWN_FILTER_LAYERS = {
+    "llama-3.1-8b": 13,
+    "mistral-nemo": 19,
+    "phi-3.5-mini": 19,
+}
+DEFAULT_DEPTH_FRACTION = 0.4
+
+
+def default_filter_layer(arch: Arch) -> tuple[int, str]:
+    """The paper's layer for a known model, else about 0.4 of the depth; returns (layer, why)."""
+    name = str(getattr(arch.config, "_name_or_path", "")).lower()
+    for key, layer in KNOWN_FILTER_LAYERS.items():
+        if key in name and layer < arch.num_layers:
+            return layer, f"filter layer {layer} (the GemFilter paper's choice for {key})"
+    layer = min(arch.num_layers - 1, round(DEFAULT_DEPTH_FRACTION * arch.num_layers))
+    return layer, (
+        f"filter layer {layer} of {arch.num_layers} (no known value for this model: about 0.4 of depth; "
+        "`longdoc bench layers` finds a better one)"
+    )
+
+
+@dataclass(frozen=True)
+class GemFilterConfig:
+    top_k: int = 1024  # context tokens kept
+    filter_layer: int | None = None  # None: known table, else about 0.4 of depth
+    pool_kernel: int = 5
+    query_tokens: int = 1  # score with the last w queries (summed); the paper uses 1
+    chunk_size: int = 8192  # sequence chunk of the second (full-model) pass
+
+    name = "gemfilter"
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise LongDocError(f"top_k must be at least 1, got {self.top_k}")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise LongDocError(f"pool_kernel must be a positive odd number, got {self.pool_kernel}")
+        if self.query_tokens < 1:
+            raise LongDocError(f"query_tokens must be at least 1, got {self.query_tokens}")
+        if self.filter_layer is not None and self.filter_layer < 0:
+            raise LongDocError(f"filter_layer must be 0 or more, got {self.filter_layer}")
+        if self.chunk_size < 1:
+            raise LongDocError(f"chunk_size must be at least 1, got {self.chunk_size}")
+
+    def resolve_layer(self, arch: Arch) -> tuple[int, str]:
+        if self.filter_layer is None:
+            return default_filter_layer(arch)
+        if self.filter_layer >= arch.num_layers:
+            raise LongDocError(
+                f"filter_layer {self.filter_layer} is out of range: this model has {arch.num_layers} layers "
+                f"(0..{arch.num_layers - 1})"
+            )
+        return self.filter_layer, f"filter layer {self.filter_layer} (as configured)"
+
+    def prefill(self, arch: Arch, layout: PromptLayout, progress: ProgressHook = no_progress) -> Prefilled:
+        layer, why = self.resolve_layer(arch)
+        n = len(layout)
+        arch.check_span(n)
+        with Timer(arch.device) as timer:
+            scores = self.token_scores(arch, layout.input_ids(arch.device), layer, progress)
+            p, c = layout.prefix_len, layout.context_len
+            context_scores = scores[p : p + c]
+            if self.top_k >= c:
+                kept_context = torch.arange(c, device=scores.device)
+            else:
+                kept_context = context_scores.topk(self.top_k).indices.sort().values
+            kept = torch.cat(
+                [
+                    torch.arange(p, device=scores.device),
+                    p + kept_context,
+                    torch.arange(p + c, n, device=scores.device),
+                ]
+            )
+            input_ids = layout.input_ids(arch.device)[:, kept.to(arch.device)]
+            m = input_ids.shape[1]
+            cache = KVCache(arch.num_layers)
+            positions = torch.arange(m, device=arch.device)[None]
+            logits = run_model(arch, input_ids, positions, cache, self.chunk_size, progress)
+        log.info("gemfilter: %s; kept %d of %d tokens", why, m, n)
+        return Prefilled(
+            cache=cache,
+            next_position=m,
+            last_logits=logits,
+            tokens_in=n,
+            tokens_kept=m,
+            kept_context=kept_context.cpu(),
+            context_scores=context_scores[kept_context].cpu(),
+            notes=[why],
+            prefill_seconds=timer.seconds,
+            peak_memory_bytes=timer.peak_bytes,
+        )
+
+    @torch.inference_mode()
+    def token_scores(
+        self, arch: Arch, input_ids: torch.Tensor, layer: int, progress: ProgressHook = no_progress
+    ) -> torch.Tensor:
+        """Pooled selection score of every prompt token at `layer`, (n,) float32. Keeps no KV cache."""
+        n = input_ids.shape[1]
+        hidden = arch.embed(input_ids)
+        position_embeddings = arch.rotary(hidden, torch.arange(n, device=hidden.device)[None])
+        mask = arch.attention_mask(n, n, hidden.dtype, hidden.device)
+        for i in range(layer):
+            hidden = arch.run_layer(i, hidden, position_embeddings, None, mask)
+            progress("filter", i + 1, layer + 1)
+        w = min(self.query_tokens, n)
+        queries, keys = arch.queries_and_keys(layer, hidden, position_embeddings, slice(n - w, n))
+        # Sum the queries of each GQA group (and of the w rows): sum_h q_h . k_g(h) = sum_g (sum_{h in g} q_h) . k_g
+        batch, heads, _, d = queries.shape
+        kv_heads = keys.shape[1]
+        grouped = queries.float().view(batch, kv_heads, heads // kv_heads * w, d).sum(2)
+        scores = torch.einsum("bgd,bgnd->bn", grouped, keys.float())
+        pooled = F.avg_pool1d(scores[:, None], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
+        progress("filter", layer + 1, layer + 1)
+        return pooled[0, 0]
