@@ -145,41 +145,35 @@ class Arch:
         return self.model.lm_head(hidden).float()
 
     # ----- queries and keys as the attention sees them -----
-    def queries_and_keys(
-        self,
-        index: int,
-        layer_input: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        query_rows: slice,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries of `query_rows` and keys of every row, after norms and RoPE.
-
-        `layer_input` is the hidden state entering decoder layer `index` (before its input norm).
-        Shapes: queries (batch, heads, rows, head_dim), keys (batch, kv_heads, n, head_dim).
-        """
-        layer = self.layers[index]
-        attn = layer.self_attn
-        x = layer.input_layernorm(layer_input)
-        batch, n, _ = x.shape
+    def _project(self, index: int, x: torch.Tensor, part: str) -> torch.Tensor:
+        """q or k projection of normed input x, as (batch, heads, rows, head_dim), q/k norm applied."""
+        attn = self.layers[index].self_attn
         d = self.head_dim
         if self.style == "fused":
             q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
-            weight = attn.qkv_proj.weight
+            rows = slice(0, q_size) if part == "q" else slice(q_size, q_size + kv_size)
             bias = attn.qkv_proj.bias
-            q = nn.functional.linear(x[:, query_rows], weight[:q_size], None if bias is None else bias[:q_size])
-            k = nn.functional.linear(
-                x, weight[q_size : q_size + kv_size], None if bias is None else bias[q_size : q_size + kv_size]
-            )
+            out = nn.functional.linear(x, attn.qkv_proj.weight[rows], None if bias is None else bias[rows])
         else:
-            q = attn.q_proj(x[:, query_rows])
-            k = attn.k_proj(x)
-        q = q.view(batch, q.shape[1], -1, d)
-        k = k.view(batch, n, -1, d)
+            out = (attn.q_proj if part == "q" else attn.k_proj)(x)
+        out = out.view(*x.shape[:-1], -1, d)
         if self.style == "qk_norm":
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
+            out = (attn.q_norm if part == "q" else attn.k_norm)(out)
+        return out.transpose(1, 2)
+
+    def queries(self, index: int, layer_input: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """Queries of decoder layer `index` for the given rows of its input, after norms and RoPE.
+
+        `layer_input` is the hidden state entering the layer (before its input norm) and
+        `position_embeddings` the (cos, sin) of the same rows.
+        """
+        q = self._project(index, self.layers[index].input_layernorm(layer_input), "q")
         cos, sin = position_embeddings
         # apply_rotary_pos_emb rotates a pair; the unused member is a one-head slice to save work.
-        q, _ = self._apply_rope(q, q[:, :1], cos[:, query_rows], sin[:, query_rows])
-        _, k = self._apply_rope(k[:, :1], k, cos, sin)
-        return q, k
+        return self._apply_rope(q, q[:, :1], cos, sin)[0]
+
+    def keys(self, index: int, layer_input: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """Keys of decoder layer `index` for every row of its input, after norms and RoPE."""
+        k = self._project(index, self.layers[index].input_layernorm(layer_input), "k")
+        cos, sin = position_embeddings
+        return self._apply_rope(k[:, :1], k, cos, sin)[1]

@@ -43,8 +43,15 @@ def main() -> None:
     def run(name, d, length, needles, samples, passkey=False):
         t = time.time()
         recs = needle_records(d, hay, length=length, needles=needles, samples=samples, passkey=passkey)
-        row = dict(setting=name, length=length, needles=needles, passkey=passkey, samples=samples,
-                   accuracy=round(accuracy(recs), 4), seconds=round(time.time() - t, 1))
+        row = dict(
+            setting=name,
+            length=length,
+            needles=needles,
+            passkey=passkey,
+            samples=samples,
+            accuracy=round(accuracy(recs), 4),
+            seconds=round(time.time() - t, 1),
+        )
         print(json.dumps(row), flush=True)
         rows.append(row)
         records.extend(dict(r, setting=name) for r in recs)
@@ -70,7 +77,9 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(dict(args=vars(args), rows=rows, records=records), indent=1))
     print("\n| setting | length | needles | passkey | samples | accuracy |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} | {r['length']} | {r['needles']} | {r['passkey']} | {r['samples']} | {r['accuracy']:.3f} |")
+        print(
+            f"| {r['setting']} | {r['length']} | {r['needles']} | {r['passkey']} | {r['samples']} | {r['accuracy']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

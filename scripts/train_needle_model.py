@@ -54,8 +54,12 @@ def train_tokenizer(books: dict[str, str], vocab_size: int) -> PreTrainedTokeniz
     )
     tok.train_from_iterator([books[name] for name in sorted(books)], trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>", pad_token="<pad>",
-        chat_template=CHAT_TEMPLATE, model_max_length=WINDOW,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|end|>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=WINDOW,
     )
 
 
@@ -106,11 +110,19 @@ class Batches(torch.utils.data.IterableDataset):
 
 def build_model(vocab_size: int, tokenizer) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=WINDOW,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, initializer_range=0.02,
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=WINDOW,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.02,
     )
     return LlamaForCausalLM(config)
 
@@ -131,8 +143,9 @@ def train(args) -> None:
 
     stage = torch.multiprocessing.Value("i", 0)
     data = Batches(books, tokenizer, stage, args.batch_tokens, args.seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=args.workers, prefetch_factor=4,
-                                         persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, num_workers=args.workers, prefetch_factor=4, persistent_workers=args.workers > 0
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     start, ema, stage_steps, step = time.time(), 0.0, 0, 0
     log = []
@@ -146,7 +159,11 @@ def train(args) -> None:
         ids, weight, answer = ids.to(device), weight.to(device), answer.to(device)
         # Warm-up, constant, then cosine decay over the last 25 % of the time budget.
         frac = elapsed / budget
-        lr = args.lr * min(1.0, (step + 1) / 200) * (1.0 if frac < 0.75 else 0.5 * (1 + math.cos(math.pi * (frac - 0.75) / 0.25)))
+        lr = (
+            args.lr
+            * min(1.0, (step + 1) / 200)
+            * (1.0 if frac < 0.75 else 0.5 * (1 + math.cos(math.pi * (frac - 0.75) / 0.25)))
+        )
         for group in opt.param_groups:
             group["lr"] = lr
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
@@ -169,8 +186,14 @@ def train(args) -> None:
             print(f"step {step}: stage -> {STAGES[stage.value]} tokens at {elapsed:.0f}s", flush=True)
             ema, stage_steps = 0.0, 0
         if step % 100 == 0:
-            entry = dict(step=step, seconds=round(elapsed), stage=STAGES[stage.value], loss=round(loss.item(), 4),
-                         answer_acc=round(ema, 3), lr=round(lr, 6))
+            entry = dict(
+                step=step,
+                seconds=round(elapsed),
+                stage=STAGES[stage.value],
+                loss=round(loss.item(), 4),
+                answer_acc=round(ema, 3),
+                lr=round(lr, 6),
+            )
             log.append(entry)
             print(json.dumps(entry), flush=True)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)

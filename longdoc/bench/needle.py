@@ -51,8 +51,11 @@ def strip_gutenberg(text: str) -> str:
     """The book between Project Gutenberg's header and its license, line ends normalised."""
     text = text.lstrip("\ufeff").replace("\r\n", "\n")
     start = re.search(r"^\*\*\*\s*START OF.*$", text, re.MULTILINE)
-    end = re.search(r"^\s*\*\*\*\s*END OF|^End of (the )?Project Gutenberg|^\*\*\* START: FULL LICENSE", text,
-                    re.MULTILINE | re.IGNORECASE)
+    end = re.search(
+        r"^\s*\*\*\*\s*END OF|^End of (the )?Project Gutenberg|^\*\*\* START: FULL LICENSE",
+        text,
+        re.MULTILINE | re.IGNORECASE,
+    )
     return text[start.end() if start else 0 : end.start() if end else len(text)].strip()
 
 

@@ -11,10 +11,12 @@ from ..errors import LongDocError
 from .base import Prefilled
 from .full import FullConfig
 from .gemfilter import GemFilterConfig
+from .homer import HomerConfig
 
 METHODS: dict[str, type] = {
     "full": FullConfig,
     "gemfilter": GemFilterConfig,
+    "homer": HomerConfig,
 }
 
 
@@ -32,4 +34,4 @@ def make_method(name: str, **options):
     return cls(**options)
 
 
-__all__ = ["METHODS", "FullConfig", "GemFilterConfig", "Prefilled", "make_method"]
+__all__ = ["METHODS", "FullConfig", "GemFilterConfig", "HomerConfig", "Prefilled", "make_method"]

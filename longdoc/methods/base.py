@@ -24,6 +24,7 @@ class Prefilled:
     kept_context: torch.Tensor | None = None  # indices into the layout's context tokens, ascending
     context_scores: torch.Tensor | None = None  # the method's score of each kept context token
     notes: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # method-specific measurements (chunks, schedule, ...)
     prefill_seconds: float = 0.0
     peak_memory_bytes: int | None = None
 

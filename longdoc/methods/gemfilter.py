@@ -132,7 +132,9 @@ class GemFilterConfig:
             hidden = arch.run_layer(i, hidden, position_embeddings, None, mask)
             progress("filter", i + 1, layer + 1)
         w = min(self.query_tokens, n)
-        queries, keys = arch.queries_and_keys(layer, hidden, position_embeddings, slice(n - w, n))
+        cos, sin = position_embeddings
+        queries = arch.queries(layer, hidden[:, n - w :], (cos[:, n - w :], sin[:, n - w :]))
+        keys = arch.keys(layer, hidden, position_embeddings)
         # Sum the queries of each GQA group (and of the w rows): sum_h q_h . k_g(h) = sum_g (sum_{h in g} q_h) . k_g
         batch, heads, _, d = queries.shape
         kv_heads = keys.shape[1]

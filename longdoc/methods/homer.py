@@ -1,0 +1,274 @@
+"""HOMER (arXiv 2404.10308): hierarchical context merging with token reduction.
+
+The context is split into a power-of-two number of chunks, each run as [prefix | slice | suffix].
+Early layers process chunks independently; at scheduled layers adjacent chunks merge pairwise,
+each first pruned to half its context by the last token's attention logits, so a merged chunk
+still fits one chunk. The merge tree is evaluated depth first, so at most about log2(chunks) + 1
+chunk states are alive, and memory grows with log(n). Pruning also drops the same tokens from
+the chunk's lower layers (propagative refinement), so the root ends with an ordinary KV cache
+that holds the same tokens in every layer, and decoding runs on it unchanged.
+
+Positions follow the reference: every chunk's context starts at position len(prefix); the
+suffix sits at len(prefix) + chunk_len in every chunk; merged position ids are concatenated,
+never renumbered, so no position exceeds max_chunk_len. Decoding continues at the last one + 1.
+
+Not implemented yet: the per-layer, per-distance positional calibration of the scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..arch import Arch
+from ..cache import KVCache
+from ..errors import LongDocError
+from ..progress import ProgressHook, no_progress
+from ..prompt import PromptLayout
+from .base import Prefilled, Timer
+
+DEFAULT_CHUNK_CAP = 4096
+WARMUP_FRACTION = 0.375  # the reference's 12 warm-up layers of 32
+
+
+@dataclass
+class ChunkState:
+    """One chunk (or merged chunk) between layers: hidden states, positions and its own KV cache."""
+
+    hidden: torch.Tensor  # (1, len, d) entering the next layer
+    positions: torch.Tensor  # (1, len) RoPE positions
+    cache: KVCache  # keys/values of the layers this chunk has run
+    prefix_len: int
+    suffix_len: int
+    context_index: torch.Tensor  # original context-token index of each context row
+    context_scores: torch.Tensor | None = None  # last reduction score of each context row
+
+    @property
+    def context_len(self) -> int:
+        return self.hidden.shape[1] - self.prefix_len - self.suffix_len
+
+    def keep(self, rows: torch.Tensor, scores: torch.Tensor) -> None:
+        """Keep these context rows (ascending) and the whole prefix and suffix, in every layer run so far."""
+        p, c = self.prefix_len, self.context_len
+        n = self.hidden.shape[1]
+        device = self.hidden.device
+        index = torch.cat([torch.arange(p, device=device), p + rows, torch.arange(p + c, n, device=device)])
+        self.hidden = self.hidden[:, index]
+        self.positions = self.positions[:, index]
+        self.cache.select(index)
+        self.context_index = self.context_index[rows.to(self.context_index.device)]
+        self.context_scores = scores[rows].cpu()
+
+
+def layer_schedule(num_layers: int, warmup: int, height: int) -> list[range]:
+    """Layers run at each tree level (0 = leaves ... height = root).
+
+    M = L - warmup layers are shared out: lpc = M // (height + 1) per level, the leftover to the
+    leaves, which also run the warm-up layers.
+    """
+    shared = num_layers - warmup
+    per_level = shared // (height + 1)
+    if per_level < 1:
+        raise LongDocError(
+            f"{2**height} chunks need {height + 1} tree levels but only {shared} layers are left after "
+            f"{warmup} warm-up layers; raise max_chunk_len or lower warmup_layers"
+        )
+    first = warmup + (shared - per_level * (height + 1)) + per_level
+    return [range(0, first)] + [range(first + i * per_level, first + (i + 1) * per_level) for i in range(height)]
+
+
+@dataclass(frozen=True)
+class HomerConfig:
+    max_chunk_len: int | None = None  # tokens per chunk incl. prefix and suffix; default min(window/2, 4096)
+    target_len: int | None = None  # tokens the root keeps; default max_chunk_len
+    warmup_layers: int | None = None  # default round(0.375 * layers), the reference's 12 of 32
+
+    name = "homer"
+
+    def __post_init__(self) -> None:
+        for field_name in ("max_chunk_len", "target_len"):
+            value = getattr(self, field_name)
+            if value is not None and value < 1:
+                raise LongDocError(f"{field_name} must be at least 1, got {value}")
+        if self.warmup_layers is not None and self.warmup_layers < 0:
+            raise LongDocError(f"warmup_layers must be 0 or more, got {self.warmup_layers}")
+
+    def resolve(self, arch: Arch, layout: PromptLayout) -> tuple[int, int, int]:
+        """(max_chunk_len, target_len, warmup) for this model and prompt, checked."""
+        window = arch.trained_window or 2 * DEFAULT_CHUNK_CAP
+        chunk = self.max_chunk_len or min(window // 2, DEFAULT_CHUNK_CAP)
+        target = self.target_len or chunk
+        warmup = self.warmup_layers if self.warmup_layers is not None else round(WARMUP_FRACTION * arch.num_layers)
+        fixed = layout.prefix_len + layout.suffix_len
+        if chunk <= fixed + 1:
+            raise LongDocError(
+                f"max_chunk_len {chunk} leaves no room for context: the prefix and question take {fixed} tokens; "
+                "raise max_chunk_len or ask a shorter question"
+            )
+        if target <= fixed:
+            raise LongDocError(f"target_len {target} must exceed the prefix and question ({fixed} tokens)")
+        if warmup >= arch.num_layers:
+            raise LongDocError(f"warmup_layers {warmup} must be below the model's {arch.num_layers} layers")
+        if window and chunk > window:
+            raise LongDocError(f"max_chunk_len {chunk} exceeds the model's {window}-token window")
+        return chunk, target, warmup
+
+    def prefill(self, arch: Arch, layout: PromptLayout, progress: ProgressHook = no_progress) -> Prefilled:
+        chunk_len_max, target, warmup = self.resolve(arch, layout)
+        p, c, s = layout.prefix_len, layout.context_len, layout.suffix_len
+        eff = chunk_len_max - p - s
+        num_chunks = 2 ** math.ceil(math.log2(math.ceil(c / eff)))
+        chunk_len = math.ceil(c / num_chunks)
+        height = int(math.log2(num_chunks))
+        schedule = layer_schedule(arch.num_layers, warmup, height)
+        arch.check_span(chunk_len_max)
+        run = _Run(arch, layout, schedule, chunk_len, num_chunks, eff // 2, target - p - s, progress)
+        with Timer(arch.device) as timer:
+            root = run.subtree(0, num_chunks, level=height)
+            logits = arch.logits(arch.final_norm(root.hidden[:, -1:]))[:, -1]
+        kept = root.hidden.shape[1]
+        return Prefilled(
+            cache=root.cache,
+            next_position=int(root.positions[0, -1]) + 1,
+            last_logits=logits,
+            tokens_in=len(layout),
+            tokens_kept=kept,
+            kept_context=root.context_index.cpu(),
+            context_scores=root.context_scores,
+            notes=[
+                f"homer: {num_chunks} chunks of {chunk_len} context tokens, {height} merge levels, "
+                f"merges at layers {[b.start for b in schedule[1:]]}"
+            ],
+            details=dict(
+                chunks=num_chunks,
+                chunk_len=chunk_len,
+                schedule=[(b.start, b.stop) for b in schedule],
+                max_alive_states=run.max_alive,
+                positions=root.positions[0].tolist(),
+            ),
+            prefill_seconds=timer.seconds,
+            peak_memory_bytes=timer.peak_bytes,
+        )
+
+
+class _Run:
+    """One HOMER prefill: builds leaves, runs blocks, prunes and merges, depth first."""
+
+    def __init__(self, arch, layout, schedule, chunk_len, num_chunks, child_keep, root_keep, progress):
+        self.arch, self.layout, self.schedule = arch, layout, schedule
+        self.chunk_len, self.num_chunks = chunk_len, num_chunks
+        self.child_keep, self.root_keep = child_keep, root_keep
+        self.progress = progress
+        self.alive = self.max_alive = self.leaves_done = 0
+        self.ids = layout.input_ids(arch.device)[0]
+
+    @torch.inference_mode()
+    def subtree(self, lo: int, hi: int, level: int) -> ChunkState | None:
+        """The state of leaves [lo, hi) after their whole subtree, reduced for its parent."""
+        if hi - lo == 1:
+            state = self.leaf(lo)
+        else:
+            mid = (lo + hi) // 2
+            left = self.subtree(lo, mid, level - 1)
+            right = self.subtree(mid, hi, level - 1)
+            state = merge(left, right) if right is not None else left
+            self.alive -= 1 if right is not None else 0
+        if state is None:
+            return None
+        is_root = level == len(self.schedule) - 1
+        self.run_block(state, self.schedule[level], keep=self.root_keep if is_root else self.child_keep)
+        return state
+
+    def leaf(self, index: int) -> ChunkState | None:
+        layout, device = self.layout, self.arch.device
+        p, c, s = layout.prefix_len, layout.context_len, layout.suffix_len
+        start, end = index * self.chunk_len, min((index + 1) * self.chunk_len, c)
+        if start >= end:
+            return None  # fewer real chunks than the power of two: the sibling passes through
+        ids = torch.cat([self.ids[:p], self.ids[p + start : p + end], self.ids[p + c :]])
+        positions = torch.arange(p + (end - start) + s, device=device)
+        if self.num_chunks > 1:
+            positions[-s:] = torch.arange(s, device=device) + p + self.chunk_len
+        self.alive += 1
+        self.max_alive = max(self.max_alive, self.alive)
+        return ChunkState(
+            hidden=self.arch.embed(ids[None]),
+            positions=positions[None],
+            cache=KVCache(self.arch.num_layers),
+            prefix_len=p,
+            suffix_len=s,
+            context_index=torch.arange(start, end),
+        )
+
+    def run_block(self, state: ChunkState, layers: range, keep: int) -> None:
+        """Run `layers` over the chunk, then keep the `keep` context tokens its last token attends to most."""
+        arch = self.arch
+        position_embeddings = arch.rotary(state.hidden, state.positions)
+        n = state.hidden.shape[1]
+        mask = arch.attention_mask(n, n, state.hidden.dtype, state.hidden.device)
+        for i in layers:
+            layer_input = state.hidden
+            state.hidden = arch.run_layer(i, state.hidden, position_embeddings, state.cache, mask)
+        if layers.start == 0:
+            self.leaves_done += 1
+            self.progress("homer", self.leaves_done, self.num_chunks)
+        scores = self.scores(state, layers[-1], layer_input, position_embeddings)
+        context_scores = scores[state.prefix_len : state.prefix_len + state.context_len]
+        if state.context_len > keep:
+            rows = context_scores.topk(keep).indices.sort().values
+        else:
+            rows = torch.arange(state.context_len, device=scores.device)
+        state.keep(rows, context_scores)
+
+    def scores(self, state: ChunkState, layer: int, layer_input, position_embeddings) -> torch.Tensor:
+        """Max over heads of the last token's attention logit q.k/sqrt(d) to every token, (n,) float32."""
+        cos, sin = position_embeddings
+        query = self.arch.queries(layer, layer_input[:, -1:], (cos[:, -1:], sin[:, -1:]))  # (1, H, 1, d)
+        keys, _ = state.cache.layer(layer)  # (1, Hkv, n, d), as the attention saw them
+        heads, kv_heads = query.shape[1], keys.shape[1]
+        grouped = query.float().view(1, kv_heads, heads // kv_heads, query.shape[-1])
+        logits = torch.einsum("bgrd,bgnd->bgrn", grouped, keys.float()) / math.sqrt(query.shape[-1])
+        return logits.flatten(1, 2).amax(1)[0]
+
+
+def merge(left: ChunkState, right: ChunkState) -> ChunkState:
+    """[mean prefix | left context | right context | mean suffix], for hidden states and every cached layer."""
+    p, s = left.prefix_len, left.suffix_len
+
+    def join(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+        a_ctx = a.narrow(dim, p, a.shape[dim] - p - s)
+        b_ctx = b.narrow(dim, p, b.shape[dim] - p - s)
+        prefix = (a.narrow(dim, 0, p) + b.narrow(dim, 0, p)) / 2
+        suffix = (a.narrow(dim, a.shape[dim] - s, s) + b.narrow(dim, b.shape[dim] - s, s)) / 2
+        return torch.cat([prefix, a_ctx, b_ctx, suffix], dim)
+
+    cache = KVCache(left.cache.num_layers)
+    for i in range(cache.num_layers):
+        if left.cache.keys[i] is None:
+            continue
+        lk, lv = left.cache.layer(i)
+        rk, rv = right.cache.layer(i)
+        cache.set_layer(i, join(lk, rk, 2), join(lv, rv, 2))
+    positions = torch.cat(
+        [
+            left.positions[:, :p],
+            left.positions[:, p : p + left.context_len],
+            right.positions[:, p : p + right.context_len],
+            right.positions[:, right.positions.shape[1] - s :],
+        ],
+        1,
+    )
+    scores = None
+    if left.context_scores is not None and right.context_scores is not None:
+        scores = torch.cat([left.context_scores, right.context_scores])
+    return ChunkState(
+        hidden=join(left.hidden, right.hidden, 1),
+        positions=positions,
+        cache=cache,
+        prefix_len=p,
+        suffix_len=s,
+        context_index=torch.cat([left.context_index, right.context_index]),
+        context_scores=scores,
+    )
