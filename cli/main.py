@@ -93,6 +93,9 @@ def _ask(
         if status:
             status.update(f"loading {model}")
         logging.getLogger("transformers").setLevel(logging.ERROR)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         doc = LongDoc.from_pretrained(
             model, method=method, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options
         )

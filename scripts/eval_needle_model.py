@@ -78,7 +78,8 @@ def main() -> None:
     print("\n| setting | length | needles | passkey | samples | accuracy |\n|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['setting']} | {r['length']} | {r['needles']} | {r['passkey']} | {r['samples']} | {r['accuracy']:.3f} |"
+            f"| {r['setting']} | {r['length']} | {r['needles']} | {r['passkey']} "
+            f"| {r['samples']} | {r['accuracy']:.3f} |"
         )
 
 

@@ -1,0 +1,103 @@
+"""HOMER: exact single-chunk equivalence, the reference's formulas, depth-first memory, a consistent cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_core import CONTEXT, QUESTION, greedy_ids, load
+from tiny_models import build_model
+
+from longdoc import LongDocError
+from longdoc.methods.homer import layer_schedule
+
+
+def test_single_chunk_reproduces_full(tiny_model_dirs, family):
+    full = load(tiny_model_dirs[family], "full")
+    ids_full, layout, prefilled_full = greedy_ids(full)
+    homer = full.with_method("homer")
+    ids_homer, _, prefilled = greedy_ids(homer)
+    assert prefilled.details["chunks"] == 1
+    assert ids_homer == ids_full
+    torch.testing.assert_close(prefilled.last_logits, prefilled_full.last_logits, atol=0, rtol=0)
+    assert prefilled.next_position == len(layout)
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory):
+    return build_model("llama", tmp_path_factory.mktemp("deep") / "llama", num_hidden_layers=8)
+
+
+def test_layer_schedule_matches_the_reference_example():
+    # METHODS.md: 7B (32 layers), 32 chunks, 12 warm-up layers: leaves run 0-16, merges at 17, 20, 23, 26, 29.
+    blocks = layer_schedule(32, 12, 5)
+    assert blocks[0] == range(0, 17)
+    assert [b.start for b in blocks[1:]] == [17, 20, 23, 26, 29]
+    assert blocks[-1].stop == 32
+
+
+@pytest.mark.parametrize("chunks, max_chunk_len", [(2, 400), (4, 220)])
+def test_multi_chunk_counts_schedule_and_positions(deep_llama, chunks, max_chunk_len):
+    doc = load(deep_llama, "homer", max_chunk_len=max_chunk_len, warmup_layers=2)
+    layout = doc.layout(CONTEXT * 2, QUESTION)
+    p, c, s = layout.prefix_len, layout.context_len, layout.suffix_len
+    prefilled = doc.prefill(layout)
+    details = prefilled.details
+
+    # Worked out by hand from METHODS.md.
+    eff = max_chunk_len - p - s
+    assert details["chunks"] == chunks == 2 ** math.ceil(math.log2(math.ceil(c / eff)))
+    chunk_len = math.ceil(c / chunks)
+    assert details["chunk_len"] == chunk_len
+    height = int(math.log2(chunks))
+    per_level = (8 - 2) // (height + 1)
+    leftover = (8 - 2) - per_level * (height + 1)
+    first = 2 + leftover + per_level
+    expected = [(0, first)] + [(first + i * per_level, first + (i + 1) * per_level) for i in range(height)]
+    assert details["schedule"] == expected
+
+    child_keep = eff // 2  # each child keeps P + eff//2 + S; the root keeps target_len = max_chunk_len
+    root_context = min(2 * child_keep, max_chunk_len - p - s)  # the root merges two reduced children
+    assert prefilled.tokens_kept == p + root_context + s
+    positions = details["positions"]
+    assert positions[:p] == list(range(p))
+    assert positions[-s:] == list(range(p + chunk_len, p + chunk_len + s))  # suffix after one chunk, not renumbered
+    assert max(positions) < max_chunk_len
+    assert prefilled.next_position == p + chunk_len + s
+    assert all(p <= q < p + chunk_len for q in positions[p:-s])  # every context position restarts at P
+
+    lengths = {prefilled.cache.seq_length(i) for i in range(8)}
+    assert lengths == {prefilled.tokens_kept}  # propagative refinement: the same tokens in every layer
+    assert details["max_alive_states"] <= math.ceil(math.log2(chunks)) + 1
+
+
+def test_alive_states_stay_logarithmic(deep_llama):
+    doc = load(deep_llama, "homer", max_chunk_len=120, warmup_layers=1)
+    prefilled = doc.prefill(doc.layout(CONTEXT * 2, QUESTION))
+    chunks = prefilled.details["chunks"]
+    assert chunks >= 8
+    assert prefilled.details["max_alive_states"] <= math.ceil(math.log2(chunks)) + 1
+
+
+def test_homer_decodes_on_gqa_families(tiny_model_dirs, family):
+    doc = load(tiny_model_dirs[family], "homer", max_chunk_len=300, warmup_layers=1)
+    answer = doc.ask(CONTEXT, QUESTION, max_new_tokens=5)
+    assert answer.stats.tokens_kept < answer.stats.tokens_in
+    assert answer.evidence
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"max_chunk_len": 20}, "leaves no room for context"),
+        ({"max_chunk_len": 300, "target_len": 10}, "target_len 10 must exceed"),
+        ({"warmup_layers": 4}, "warmup_layers 4 must be below"),
+        ({"max_chunk_len": 0}, "max_chunk_len must be at least 1"),
+        ({"max_chunk_len": 60, "warmup_layers": 3}, "tree levels"),
+        ({"max_chunk_len": 4096}, "exceeds the model's 2048-token window"),
+    ],
+)
+def test_bad_configs(tiny_model_dirs, options, message):
+    with pytest.raises(LongDocError, match=message):
+        load(tiny_model_dirs["llama"], "homer", **options).ask(CONTEXT, QUESTION, max_new_tokens=2)

@@ -1,0 +1,46 @@
+"""End to end with the bundled needle model on haystacks cut from the held-out books."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from longdoc import LongDoc
+from longdoc.bench.needle import Haystacks, is_correct, load_books
+
+MODEL = Path(__file__).resolve().parents[1] / "examples" / "models" / "needle-tiny"
+BOOKS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "books"
+
+pytestmark = pytest.mark.skipif(not BOOKS.is_dir(), reason="needs ../shared/corpus/books beside the checkout")
+
+
+@pytest.fixture(scope="module")
+def doc() -> LongDoc:
+    return LongDoc.from_pretrained(str(MODEL), method="full", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def haystacks(doc) -> Haystacks:
+    return Haystacks(load_books(BOOKS, held_out=True), doc.tokenizer)
+
+
+def test_model_loads_offline_as_a_llama(doc):
+    assert doc.arch.config.model_type == "llama"
+    assert doc.arch.trained_window == 4096
+    assert doc.arch.num_kv_heads < doc.arch.num_heads  # GQA
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_full_answers_a_3k_haystack(doc, haystacks, depth):
+    sample = haystacks.sample(random.Random(f"e2e-{depth}"), 3000, needles=1, depth=depth)
+    answer = doc.ask(sample.context, sample.question, max_new_tokens=24)
+    assert answer.stats.tokens_in > 2900
+    assert is_correct(answer.text, sample), (answer.text, sample.value)
+
+
+def test_full_answers_the_pass_key(doc, haystacks):
+    sample = haystacks.sample(random.Random("e2e-passkey"), 2000, passkey=True, depth=0.3)
+    answer = doc.ask(sample.context, sample.question, max_new_tokens=16)
+    assert is_correct(answer.text, sample), answer.text
