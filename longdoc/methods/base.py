@@ -29,6 +29,18 @@ class Prefilled:
     peak_memory_bytes: int | None = None
 
 
+def keep_index(prefix_len: int, context_len: int, total: int, rows: torch.Tensor) -> torch.Tensor:
+    """Row indices of the whole prefix, the kept context `rows` (ascending) and the whole suffix."""
+    device = rows.device
+    return torch.cat(
+        [
+            torch.arange(prefix_len, device=device),
+            prefix_len + rows,
+            torch.arange(prefix_len + context_len, total, device=device),
+        ]
+    )
+
+
 @torch.inference_mode()
 def run_model(
     arch: Arch,

@@ -23,7 +23,7 @@ from ..cache import KVCache
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
-from .base import Prefilled, Timer, run_model
+from .base import Prefilled, Timer, keep_index, run_model
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,7 @@ class GemFilterConfig:
                 kept_context = torch.arange(c, device=scores.device)
             else:
                 kept_context = context_scores.topk(self.top_k).indices.sort().values
-            kept = torch.cat(
-                [
-                    torch.arange(p, device=scores.device),
-                    p + kept_context,
-                    torch.arange(p + c, n, device=scores.device),
-                ]
-            )
+            kept = keep_index(p, c, n, kept_context)
             input_ids = layout.input_ids(arch.device)[:, kept.to(arch.device)]
             m = input_ids.shape[1]
             cache = KVCache(arch.num_layers)

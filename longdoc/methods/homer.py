@@ -27,7 +27,7 @@ from ..cache import KVCache
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
-from .base import Prefilled, Timer
+from .base import Prefilled, Timer, keep_index
 
 DEFAULT_CHUNK_CAP = 4096
 WARMUP_FRACTION = 0.375  # the reference's 12 warm-up layers of 32
@@ -51,10 +51,7 @@ class ChunkState:
 
     def keep(self, rows: torch.Tensor, scores: torch.Tensor) -> None:
         """Keep these context rows (ascending) and the whole prefix and suffix, in every layer run so far."""
-        p, c = self.prefix_len, self.context_len
-        n = self.hidden.shape[1]
-        device = self.hidden.device
-        index = torch.cat([torch.arange(p, device=device), p + rows, torch.arange(p + c, n, device=device)])
+        index = keep_index(self.prefix_len, self.context_len, self.hidden.shape[1], rows)
         self.hidden = self.hidden[:, index]
         self.positions = self.positions[:, index]
         self.cache.select(index)
@@ -97,8 +94,8 @@ class HomerConfig:
 
     def resolve(self, arch: Arch, layout: PromptLayout) -> tuple[int, int, int]:
         """(max_chunk_len, target_len, warmup) for this model and prompt, checked."""
-        window = arch.trained_window or 2 * DEFAULT_CHUNK_CAP
-        chunk = self.max_chunk_len or min(window // 2, DEFAULT_CHUNK_CAP)
+        window = arch.trained_window  # 0 when the config does not say
+        chunk = self.max_chunk_len or (min(window // 2, DEFAULT_CHUNK_CAP) if window else DEFAULT_CHUNK_CAP)
         target = self.target_len or chunk
         warmup = self.warmup_layers if self.warmup_layers is not None else round(WARMUP_FRACTION * arch.num_layers)
         fixed = layout.prefix_len + layout.suffix_len
