@@ -1,11 +1,13 @@
-"""`longdoc ask FILE QUESTION` and `longdoc info`."""
+"""`longdoc ask FILE... QUESTION` and `longdoc info`."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -20,18 +22,73 @@ DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
 def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+# CLI option -> the method config fields it sets, first match wins.
+METHOD_OPTIONS = {
+    "top_k": ("top_k",),
+    "filter_layer": ("filter_layer",),
+    "chunk_len": ("max_chunk_len", "chunk_size"),
+}
+
+
+def method_options(method: str, **values) -> dict:
+    """Map --top-k / --filter-layer / --chunk-len onto the method's own config fields."""
+    from dataclasses import fields
+
+    from longdoc.methods import METHODS
+
+    if method not in METHODS:
+        raise LongDocError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
+    accepted = {f.name for f in fields(METHODS[method])}
+    options = {}
+    for option, value in values.items():
+        if value is None:
+            continue
+        target = next((name for name in METHOD_OPTIONS[option] if name in accepted), None)
+        if target is None:
+            users = [m for m, cls in METHODS.items() if {f.name for f in fields(cls)} & set(METHOD_OPTIONS[option])]
+            raise LongDocError(f"--{option.replace('_', '-')} applies to {', '.join(users)}, not to '{method}'")
+        options[target] = value
+    return options
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """KEY=VALUE strings -> options; integers and floats are converted, anything else stays text."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise LongDocError(f"--option takes KEY=VALUE, got '{pair}'")
+        for convert in (int, float):
+            try:
+                options[key.strip()] = convert(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key.strip()] = value
+    return options
 
 
 @app.command()
 def ask(
-    file: str = typer.Argument(..., help="A .pdf, .txt or .md file, or - for stdin."),
-    question: str = typer.Argument(..., help="The question about the document."),
+    files: Annotated[
+        list[str],
+        typer.Argument(help="Files (.pdf .docx .epub .html .md .txt), folders, or - for stdin.", show_default=False),
+    ],
+    question: str = typer.Argument(..., help="The question about the documents.", show_default=False),
     model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face hub id or local model folder."),
-    method: str = typer.Option("gemfilter", help="Prefill method: full or gemfilter."),
-    top_k: int | None = typer.Option(None, help="GemFilter: context tokens kept (default 1024)."),
+    method: str = typer.Option("gemfilter", help="Prefill method (see `longdoc info`)."),
+    top_k: int | None = typer.Option(None, help="Context tokens kept by gemfilter and the budgeted baselines."),
     filter_layer: int | None = typer.Option(None, help="GemFilter: the selecting layer (default: known or 0.4 depth)."),
+    chunk_len: int | None = typer.Option(None, help="homer: max tokens per chunk; full/gemfilter: prefill chunk."),
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="Any other method option as KEY=VALUE, e.g. -o score=softmax."),
+    ] = None,
     max_new_tokens: int = typer.Option(256, help="Most tokens to generate."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", help="auto, bfloat16, float16 or float32."),
@@ -41,63 +98,53 @@ def ask(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     trust_remote_code: bool = typer.Option(False, help="Run the model repo's own code (off by default)."),
 ) -> None:
-    """Answer QUESTION about FILE; the answer streams to stdout, progress goes to stderr."""
+    """Answer QUESTION about FILE...; the answer streams to stdout, progress goes to stderr."""
     try:
-        _ask(
-            file,
-            question,
-            model,
-            method,
-            top_k,
-            filter_layer,
-            max_new_tokens,
-            device,
-            dtype,
-            password,
-            as_json,
-            evidence,
-            quiet,
-            trust_remote_code,
-        )
+        options = method_options(method, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len)
+        options.update(parse_options(option or []))
+        request = AskRequest(files, question, model, method, options, max_new_tokens, device, dtype, password)
+        _ask(request, as_json, evidence, quiet, trust_remote_code)
     except LongDocError as exc:
         fail(str(exc))
 
 
-def _ask(
-    file,
-    question,
-    model,
-    method,
-    top_k,
-    filter_layer,
-    max_new_tokens,
-    device,
-    dtype,
-    password,
-    as_json,
-    show_evidence,
-    quiet,
-    trust_remote_code,
-) -> None:
-    from longdoc import LongDoc
-    from longdoc.documents import load_document
+@dataclass
+class AskRequest:
+    files: list[str]
+    question: str
+    model: str
+    method: str
+    options: dict
+    max_new_tokens: int
+    device: str
+    dtype: str
+    password: str | None
 
-    options = {k: v for k, v in {"top_k": top_k, "filter_layer": filter_layer}.items() if v is not None}
-    if not question.strip():
+
+def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, trust_remote_code: bool) -> None:
+    from longdoc import LongDoc
+    from longdoc.documents import load_documents
+
+    if not request.question.strip():
         raise LongDocError("the question is empty; ask something about the document")
     status = err.status("reading", spinner="dots") if not quiet else None
     if status:
         status.start()
     try:
-        document = load_document(file, password)
+        document = load_documents(request.files, request.password)
         if status:
-            status.update(f"loading {model}")
+            status.update(f"loading {request.model}")
         logging.getLogger("transformers").setLevel(logging.ERROR)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         doc = LongDoc.from_pretrained(
-            model, method=method, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **options
+            request.model,
+            method=request.method,
+            device=request.device,
+            dtype=request.dtype,
+            trust_remote_code=trust_remote_code,
+            **request.options,
         )
     finally:
         if status:
@@ -120,7 +167,9 @@ def _ask(
 
     answer = None
     with bar:
-        pieces = doc.stream_answer(document.text, question, progress=progress, max_new_tokens=max_new_tokens)
+        pieces = doc.stream_answer(
+            document.text, request.question, progress=progress, max_new_tokens=request.max_new_tokens
+        )
         first = next(pieces)
     for piece in _chain(first, pieces):
         if isinstance(piece, str):
@@ -129,17 +178,9 @@ def _ask(
                 sys.stdout.flush()
         else:
             answer = piece
-    spans = [
-        {
-            "file": document.source,
-            "page": document.page_at(e.start),
-            "start": e.start,
-            "end": e.end,
-            "quote": e.quote,
-            "score": round(e.score, 4),
-        }
-        for e in answer.evidence
-    ]
+    spans = []
+    for e in answer.evidence:
+        spans.append({**asdict(document.locate(e.start, e.end)), "score": round(e.score, 4)})
     if as_json:
         print(json.dumps({"answer": answer.text, "evidence": spans, "stats": asdict(answer.stats)}, indent=2))
         return
@@ -147,9 +188,11 @@ def _ask(
     if show_evidence and spans:
         out = Console()
         out.print("\n[bold]Evidence[/] (kept spans, strongest first):", highlight=False)
+        several = len(document.files) > 1
         for span in spans[:5]:
-            page = f"p.{span['page']} " if span["page"] else ""
-            out.print(f"  {page}[{span['start']}:{span['end']}] {span['quote']}", highlight=False, markup=False)
+            where = Path(span["file"]).name + " " if several else ""
+            where += f"p.{span['page']} " if span["page"] else ""
+            out.print(f"  {where}[{span['start']}:{span['end']}] {span['quote']}", highlight=False, markup=False)
     s = answer.stats
     if not quiet:
         err.print(

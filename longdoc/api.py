@@ -111,9 +111,12 @@ class LongDoc:
             yield piece
 
     def _run(self, context: str, question: str, progress: ProgressHook, config: GenerationConfig):
+        progress("tokenizing", 0, 1)
         layout = self.layout(context, question)
+        progress("tokenizing", 1, 1)
         self._check_question(layout)
         prefilled = self.prefill(layout, progress)
+        progress("generating", 0, config.max_new_tokens)
         stats = Stats(
             method=self.method.name,
             tokens_in=prefilled.tokens_in,

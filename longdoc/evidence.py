@@ -45,8 +45,12 @@ def evidence_spans(
     spans = []
     for first, last, best, count in sorted(runs, key=lambda r: -r[2])[:limit]:
         start, end = layout.context_offsets[first][0], layout.context_offsets[last][1]
-        quote = " ".join(layout.context_text[start:end].split())
-        if len(quote) > QUOTE_CHARS:
-            quote = quote[: QUOTE_CHARS - 1] + "\u2026"
+        quote = quote_of(layout.context_text, start, end)
         spans.append(Evidence(start=start, end=end, quote=quote, score=float(best), tokens=count))
     return spans
+
+
+def quote_of(text: str, start: int, end: int) -> str:
+    """The span's text on one line, cut to QUOTE_CHARS."""
+    quote = " ".join(text[start:end].split())
+    return quote if len(quote) <= QUOTE_CHARS else quote[: QUOTE_CHARS - 1] + "\u2026"

@@ -115,7 +115,7 @@ def build_model(vocab_size: int, tokenizer) -> LlamaForCausalLM:
         vocab_size=vocab_size,
         hidden_size=256,
         intermediate_size=768,
-        num_hidden_layers=8,
+        num_hidden_layers=9,
         num_attention_heads=8,
         num_key_value_heads=2,
         max_position_embeddings=WINDOW,
@@ -146,10 +146,14 @@ def train(args) -> None:
     stage = torch.multiprocessing.Value("i", 0)
     data = Batches(books, tokenizer, stage, args.batch_tokens, args.seed)
     loader = torch.utils.data.DataLoader(
-        data, batch_size=None, num_workers=args.workers, prefetch_factor=4, persistent_workers=args.workers > 0
+        data,
+        batch_size=None,
+        num_workers=args.workers,
+        prefetch_factor=4 if args.workers else None,
+        persistent_workers=args.workers > 0,
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
-    start, ema, copy_ema, stage_steps, step = time.time(), 0.0, 0.0, 0, 0
+    start, ema, copy_ema, match_ema, stage_steps, step = time.time(), 0.0, 0.0, 0.0, 0, 0
     log = []
     budget = args.minutes * 60
     for ids, weight, answer, single, batch_stage in loader:
@@ -180,9 +184,12 @@ def train(args) -> None:
         with torch.no_grad():
             hit = ((logits.argmax(-1) == ids[:, 1:]) | ~answer[:, :-1]).all(1).float()
             acc = hit.mean().item()
-            copy_acc = hit[single.to(device)].mean().item() if single.any() else copy_ema
+            single = single.to(device)
+            copy_acc = hit[single].mean().item() if single.any() else copy_ema
+            match_acc = hit[~single].mean().item() if (~single).any() else match_ema
         ema = 0.95 * ema + 0.05 * acc
         copy_ema = 0.95 * copy_ema + 0.05 * copy_acc
+        match_ema = 0.95 * match_ema + 0.05 * match_acc
         stage_steps += 1
         step += 1
         if copy_ema > ADVANCE_AT and stage_steps > 150 and stage.value < len(STAGES) - 1:
@@ -196,6 +203,7 @@ def train(args) -> None:
                 stage=STAGES[stage.value],
                 loss=round(loss.item(), 4),
                 answer_acc=round(ema, 3),
+                distractor_acc=round(match_ema, 3),
                 lr=round(lr, 6),
             )
             log.append(entry)
@@ -210,7 +218,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--books", default="../shared/corpus/books")
     parser.add_argument("--out", default="examples/models/needle-tiny")
-    parser.add_argument("--minutes", type=float, default=8.5)
+    parser.add_argument("--minutes", type=float, default=8.3)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--batch-tokens", type=int, default=65536)
     parser.add_argument("--lr", type=float, default=1e-3)

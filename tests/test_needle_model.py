@@ -40,6 +40,21 @@ def test_full_answers_a_3k_haystack(doc, haystacks, depth):
     assert is_correct(answer.text, sample), (answer.text, sample.value)
 
 
+# The model card's GemFilter settings: layer 1 holds the retrieval heads; softmax scores keep a few
+# heads from being swamped by others' large logits; a 41-token pool keeps the whole needle sentence.
+NEEDLE_GEMFILTER = dict(top_k=256, filter_layer=1, score="softmax", pool_kernel=41)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_gemfilter_answers_a_3k_haystack_from_256_tokens(doc, haystacks, depth):
+    sample = haystacks.sample(random.Random(f"e2e-{depth}"), 3000, needles=1, depth=depth)
+    answer = doc.with_method("gemfilter", **NEEDLE_GEMFILTER).ask(sample.context, sample.question, max_new_tokens=12)
+    assert answer.stats.tokens_kept < 400 < 2900 < answer.stats.tokens_in
+    assert is_correct(answer.text, sample), (answer.text, sample.value)
+    start, end = sample.needle_spans[sample.target]
+    assert any(e.start <= start + len("One of") and end - 10 <= e.end for e in answer.evidence[:3])
+
+
 def test_full_answers_the_pass_key(doc, haystacks):
     sample = haystacks.sample(random.Random("e2e-passkey"), 2000, passkey=True, depth=0.3)
     answer = doc.ask(sample.context, sample.question, max_new_tokens=16)

@@ -13,10 +13,13 @@ from pathlib import Path
 
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
 QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
-ANSWER = "The special magic number for {key} is: {value}."
+# Answers start with the value: the prompt's last token must then find the needle, and that token's
+# attention is what GemFilter and HOMER score. (An answer that first repeats the key lets a model copy
+# the value by matching "{key} is:" while decoding, so its prefill attention never looks for the needle.)
+ANSWER = "{value}."
 PASSKEY_NEEDLE = "The pass key is {value}. Remember it. {value} is the pass key."
 PASSKEY_QUESTION = "What is the pass key?"
-PASSKEY_ANSWER = "The pass key is {value}."
+PASSKEY_ANSWER = "{value}."
 
 # Books held out of the needle model's training; evaluation haystacks come from these.
 HELD_OUT_BOOKS = ("the-scarlet-letter", "walden", "wuthering-heights")

@@ -13,6 +13,7 @@ and the suffix (question, assistant header) are always kept, and `top_k` counts 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ KNOWN_FILTER_LAYERS = {
     "phi-3.5-mini": 19,
 }
 DEFAULT_DEPTH_FRACTION = 0.4
+SCORES = ("logits", "softmax")
 
 
 def default_filter_layer(arch: Arch) -> tuple[int, str]:
@@ -56,6 +58,9 @@ class GemFilterConfig:
     pool_kernel: int = 5
     query_tokens: int = 1  # score with the last w queries (summed); the paper uses 1
     chunk_size: int = 8192  # sequence chunk of the second (full-model) pass
+    # "logits": the paper's raw q.k summed over heads. "softmax": each head's attention probabilities
+    # summed over heads, for models where a few retrieval heads are swamped by other heads' large logits.
+    score: str = "logits"
 
     name = "gemfilter"
 
@@ -70,6 +75,8 @@ class GemFilterConfig:
             raise LongDocError(f"filter_layer must be 0 or more, got {self.filter_layer}")
         if self.chunk_size < 1:
             raise LongDocError(f"chunk_size must be at least 1, got {self.chunk_size}")
+        if self.score not in SCORES:
+            raise LongDocError(f"score must be one of {', '.join(SCORES)}, got '{self.score}'")
 
     def resolve_layer(self, arch: Arch) -> tuple[int, str]:
         if self.filter_layer is None:
@@ -129,11 +136,18 @@ class GemFilterConfig:
         cos, sin = position_embeddings
         queries = arch.queries(layer, hidden[:, n - w :], (cos[:, n - w :], sin[:, n - w :]))
         keys = arch.keys(layer, hidden, position_embeddings)
-        # Sum the queries of each GQA group (and of the w rows): sum_h q_h . k_g(h) = sum_g (sum_{h in g} q_h) . k_g
         batch, heads, _, d = queries.shape
         kv_heads = keys.shape[1]
-        grouped = queries.float().view(batch, kv_heads, heads // kv_heads * w, d).sum(2)
-        scores = torch.einsum("bgd,bgnd->bn", grouped, keys.float())
+        if self.score == "logits":
+            # Sum the queries of each GQA group (and the w rows): sum_h q_h . k_g(h) = sum_g (sum_{h in g} q_h) . k_g
+            grouped = queries.float().view(batch, kv_heads, heads // kv_heads * w, d).sum(2)
+            scores = torch.einsum("bgd,bgnd->bn", grouped, keys.float())
+        else:
+            logits = torch.einsum("bgqd,bgnd->bgqn", queries.float().view(batch, kv_heads, -1, d), keys.float())
+            row = torch.arange(w, device=logits.device).repeat(heads // kv_heads)  # query row of each (head, row)
+            future = torch.arange(n, device=logits.device)[None] > (n - w + row)[:, None]
+            logits = logits.masked_fill(future, float("-inf")) / math.sqrt(d)
+            scores = logits.softmax(-1).sum((1, 2))
         pooled = F.avg_pool1d(scores[:, None], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
         progress("filter", layer + 1, layer + 1)
         return pooled[0, 0]

@@ -1,0 +1,140 @@
+"""`longdoc ask` and `longdoc info` through typer's CliRunner: a needle on a known PDF page, JSON, every error path."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from longdoc.cli.main import app
+from made_documents import write_blank_pdf, write_pdf
+from typer.testing import CliRunner
+
+from longdoc.bench.needle import NEEDLE, QUESTION, Haystacks, load_books
+from longdoc.methods import GemFilterConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = str(ROOT / "examples" / "models" / "needle-tiny")
+BOOKS = ROOT.parent / "shared" / "corpus" / "books"
+PDFS = ROOT.parent / "shared" / "corpus" / "pdf"
+# GemFilter settings for the needle model (its model card says why): the retrieval heads of layer 1,
+# softmax scores, and a pool wide enough to keep the whole needle sentence.
+NEEDLE_GEMFILTER = ["--filter-layer", "1", "--top-k", "256", "-o", "score=softmax", "-o", "pool_kernel=41"]
+
+runner = CliRunner()
+
+
+def ask(*args: str, input: str | None = None):
+    return runner.invoke(app, ["ask", *args], input=input)
+
+
+@pytest.fixture(scope="module")
+def needle_pdf(tmp_path_factory):
+    """A 5-page PDF cut from a held-out book, the needle alone on page 3."""
+    if not BOOKS.is_dir():
+        pytest.skip("needs ../shared/corpus/books beside the checkout")
+    from transformers import AutoTokenizer
+
+    haystacks = Haystacks(load_books(BOOKS, held_out=True), AutoTokenizer.from_pretrained(MODEL))
+    text = haystacks.cut(random.Random("pdf-needle"), 2200)
+    words = text.split()
+    pages = [" ".join(words[i * len(words) // 5 : (i + 1) * len(words) // 5]) for i in range(5)]
+    needle = NEEDLE.format(key="lantern", value="4071936")
+    half = len(pages[2]) // 2
+    cut = pages[2].find(". ", half) + 1 or half
+    layout = [[p] for p in pages]
+    layout[2] = [pages[2][:cut], needle, pages[2][cut:].strip()]
+    path = write_pdf(tmp_path_factory.mktemp("pdf") / "report.pdf", layout)
+    return path, QUESTION.format(key="lantern"), "4071936"
+
+
+def test_needle_on_page_three_is_answered_with_that_page_as_evidence(needle_pdf):
+    path, question, value = needle_pdf
+    result = ask(str(path), question, "--model", MODEL, "--device", "cpu", "--json", *NEEDLE_GEMFILTER)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert value in out["answer"]
+    top = out["evidence"][0]
+    assert top["page"] == 3 and top["file"] == str(path)
+    assert value in top["quote"]
+    assert set(top) >= {"file", "page", "start", "end", "quote"}
+    stats = out["stats"]
+    assert stats["method"] == "gemfilter" and stats["tokens_kept"] < stats["tokens_in"]
+
+
+def test_text_answer_streams_with_evidence_and_stats(needle_pdf):
+    path, question, value = needle_pdf
+    result = ask(str(path), question, "--model", MODEL, "--device", "cpu", *NEEDLE_GEMFILTER)
+    assert result.exit_code == 0, result.output
+    answer, _, evidence = result.stdout.partition("Evidence")
+    assert value in answer
+    assert "p.3" in evidence
+    assert "gemfilter: kept" in result.stderr
+
+
+def test_stdin_and_full_method(needle_pdf):
+    text = "Some words before. " + NEEDLE.format(key="tiger", value="5550123") + " Some words after."
+    result = ask("-", QUESTION.format(key="tiger"), "--model", MODEL, "--method", "full", "-q", input=text)
+    assert result.exit_code == 0, result.output
+    assert "5550123" in result.stdout
+    assert result.stderr == ""
+
+
+def test_info_lists_methods_and_families():
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0
+    assert "gemfilter" in result.stdout and "homer" in result.stdout and "Llama" in result.stdout
+
+
+def _expect_error(result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.stderr.split()), result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "make, extra, message",
+    [
+        (lambda d: d / "missing.pdf", [], "file not found"),
+        (lambda d: (d / "notes.xyz").write_text("x") and d / "notes.xyz", [], "unsupported file type '.xyz'"),
+        (lambda d: write_blank_pdf(d / "scan.pdf"), [], "looks scanned"),
+        (lambda d: (d / "empty.txt").write_text(" ") and d / "empty.txt", [], "has no text"),
+        (lambda d: (d / "b.txt").write_bytes(b"\x00\x01\x02") and d / "b.txt", [], "looks binary"),
+    ],
+)
+def test_bad_documents(tmp_path, make, extra, message):
+    _expect_error(ask(str(make(tmp_path)), "What?", "--model", MODEL, *extra), message)
+
+
+@pytest.mark.skipif(not PDFS.is_dir(), reason="needs ../shared/corpus/pdf beside the checkout")
+def test_encrypted_pdf_without_or_with_wrong_password():
+    path = str(PDFS / "libreoffice-writer-password.pdf")
+    _expect_error(ask(path, "What?", "--model", MODEL), "it is encrypted; pass --password")
+    _expect_error(ask(path, "What?", "--model", MODEL, "--password", "nope"), "the password is wrong")
+
+
+def test_bad_requests(tmp_path, monkeypatch):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Some text to read.")
+    _expect_error(ask(str(doc), "  ", "--model", MODEL), "the question is empty")
+    _expect_error(ask(str(doc), "What?", "--model", MODEL, "--method", "magic"), "unknown method 'magic'")
+    _expect_error(ask(str(doc), "What?", "--method", "full", "--top-k", "5"), "--top-k applies to gemfilter")
+    _expect_error(ask(str(doc), "What?", "-o", "novalue"), "--option takes KEY=VALUE")
+    _expect_error(ask(str(doc), "What?", "--model", MODEL, "-o", "nope=1"), "has no option nope")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _expect_error(ask(str(doc), "What?", "--model", "nobody/no-such-model"), "is neither a local folder")
+
+
+def test_out_of_memory_names_the_ways_out(tmp_path, monkeypatch):
+    def out_of_memory(self, arch, layout, progress):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(GemFilterConfig, "prefill", out_of_memory)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Some text to read.")
+    result = ask(str(doc), "What?", "--model", MODEL, "--device", "cpu")
+    _expect_error(result, "out of GPU memory")
+    assert "--method homer" in result.stderr and "--top-k" in result.stderr
