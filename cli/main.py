@@ -15,8 +15,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from longdoc import LongDocError
 
+from .bench import bench_app
+from .options import method_options, parse_options
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ask a local LLM about a whole document.")
 err = Console(stderr=True)
+app.add_typer(bench_app, name="bench")
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -24,53 +28,6 @@ DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 def fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
-
-
-# CLI option -> the method config fields it sets, first match wins.
-METHOD_OPTIONS = {
-    "top_k": ("top_k",),
-    "filter_layer": ("filter_layer",),
-    "chunk_len": ("max_chunk_len", "chunk_size"),
-}
-
-
-def method_options(method: str, **values) -> dict:
-    """Map --top-k / --filter-layer / --chunk-len onto the method's own config fields."""
-    from dataclasses import fields
-
-    from longdoc.methods import METHODS
-
-    if method not in METHODS:
-        raise LongDocError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
-    accepted = {f.name for f in fields(METHODS[method])}
-    options = {}
-    for option, value in values.items():
-        if value is None:
-            continue
-        target = next((name for name in METHOD_OPTIONS[option] if name in accepted), None)
-        if target is None:
-            users = [m for m, cls in METHODS.items() if {f.name for f in fields(cls)} & set(METHOD_OPTIONS[option])]
-            raise LongDocError(f"--{option.replace('_', '-')} applies to {', '.join(users)}, not to '{method}'")
-        options[target] = value
-    return options
-
-
-def parse_options(pairs: list[str]) -> dict:
-    """KEY=VALUE strings -> options; integers and floats are converted, anything else stays text."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise LongDocError(f"--option takes KEY=VALUE, got '{pair}'")
-        for convert in (int, float):
-            try:
-                options[key.strip()] = convert(value)
-                break
-            except ValueError:
-                continue
-        else:
-            options[key.strip()] = value
-    return options
 
 
 @app.command()

@@ -28,6 +28,7 @@ class PromptLayout:
     suffix_ids: list[int]
     context_offsets: list[tuple[int, int]]  # (start, end) character span of each context token
     context_text: str
+    question: str | None = None  # the question as asked (the rag baseline ranks passages with it)
 
     @property
     def prefix_len(self) -> int:
@@ -69,6 +70,7 @@ def build_layout(tokenizer, context: str, question: str, system: str | None = No
         suffix_ids=list(suffix_ids),
         context_offsets=[tuple(o) for o in encoded["offset_mapping"]],
         context_text=context,
+        question=question.strip(),
     )
 
 

@@ -12,11 +12,18 @@ from .base import Prefilled
 from .full import FullConfig
 from .gemfilter import GemFilterConfig
 from .homer import HomerConfig
+from .rag import RagConfig
+from .snapkv import SnapKVConfig
+from .streaming import StreamingConfig
 
 METHODS: dict[str, type] = {
     "full": FullConfig,
     "gemfilter": GemFilterConfig,
     "homer": HomerConfig,
+    # Peer baselines, on the same engine so comparisons are like for like.
+    "snapkv": SnapKVConfig,
+    "streaming": StreamingConfig,
+    "rag": RagConfig,
 }
 
 
@@ -34,4 +41,14 @@ def make_method(name: str, **options):
     return cls(**options)
 
 
-__all__ = ["METHODS", "FullConfig", "GemFilterConfig", "HomerConfig", "Prefilled", "make_method"]
+__all__ = [
+    "METHODS",
+    "FullConfig",
+    "GemFilterConfig",
+    "HomerConfig",
+    "Prefilled",
+    "RagConfig",
+    "SnapKVConfig",
+    "StreamingConfig",
+    "make_method",
+]

@@ -70,6 +70,22 @@ def run_model(
     return arch.logits(arch.final_norm(hidden[:, -1:]))[:, -1]
 
 
+def reread_kept(
+    arch: Arch, layout, kept_context: torch.Tensor, chunk_size: int, progress: ProgressHook = no_progress
+) -> tuple[KVCache, int, torch.Tensor]:
+    """Prefill [prefix | kept context rows | suffix] through the whole model at fresh positions 0..m-1.
+
+    The second pass of GemFilter and of the RAG baseline; returns (cache, m, last logits).
+    """
+    n = len(layout)
+    kept = keep_index(layout.prefix_len, layout.context_len, n, kept_context.to(arch.device))
+    input_ids = layout.input_ids(arch.device)[:, kept]
+    m = input_ids.shape[1]
+    cache = KVCache(arch.num_layers)
+    logits = run_model(arch, input_ids, torch.arange(m, device=arch.device)[None], cache, chunk_size, progress)
+    return cache, m, logits
+
+
 class Timer:
     """Wall time and peak GPU memory above the starting point, synchronised on CUDA."""
 

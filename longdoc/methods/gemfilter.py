@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import Arch
-from ..cache import KVCache
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
-from .base import Prefilled, Timer, keep_index, run_model
+from .base import Prefilled, Timer, reread_kept
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +99,7 @@ class GemFilterConfig:
                 kept_context = torch.arange(c, device=scores.device)
             else:
                 kept_context = context_scores.topk(self.top_k).indices.sort().values
-            kept = keep_index(p, c, n, kept_context)
-            input_ids = layout.input_ids(arch.device)[:, kept.to(arch.device)]
-            m = input_ids.shape[1]
-            cache = KVCache(arch.num_layers)
-            positions = torch.arange(m, device=arch.device)[None]
-            logits = run_model(arch, input_ids, positions, cache, self.chunk_size, progress)
+            cache, m, logits = reread_kept(arch, layout, kept_context, self.chunk_size, progress)
         log.info("gemfilter: %s; kept %d of %d tokens", why, m, n)
         return Prefilled(
             cache=cache,

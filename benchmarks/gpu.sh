@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# GPU benchmarks, run on the lent H100/H200 from the repo root: bash benchmarks/gpu.sh PART OUT
+# PART: speed (Llama-3.1-8B shape, 8K-128K, then HOMER alone at 512K) | needle (bundled model, 1K-16K) | eval
+set -euo pipefail
+part=$1
+out=$2
+export PYTHONUNBUFFERED=1
+longdoc() { python3 -m cli.main "$@"; }
+case $part in
+speed)
+    longdoc bench speed --shape llama-3.1-8b --lengths 8k,32k,64k,128k --methods full,gemfilter,homer,snapkv \
+        --runs 3 --top-k 1024 --out "$out/speed" -q
+    longdoc bench speed --shape llama-3.1-8b --lengths 512k --methods homer --runs 1 --out "$out/homer-512k" -q
+    ;;
+needle)
+    longdoc bench needle --model examples/models/needle-tiny --books "${BOOKS:-.data/books}" \
+        --methods full,gemfilter,homer,snapkv,streaming,rag --lengths 1k,2k,4k,8k,16k --depths 0,0.25,0.5,0.75,1 \
+        --samples 6 --top-k 256 -o gemfilter.filter_layer=1 -o gemfilter.score=softmax -o gemfilter.pool_kernel=41 \
+        --out "$out/needle" -q
+    ;;
+eval)
+    python3 scripts/eval_needle_model.py --model examples/models/needle-tiny --books "${BOOKS:-.data/books}" \
+        --samples 200 --sweep-samples 50 --lengths 1024,2048,3500 --out "$out/needle-tiny-eval.json"
+    ;;
+esac

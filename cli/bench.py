@@ -1,0 +1,328 @@
+"""`longdoc bench needle|layers|speed`: JSON with every sample, PNG figures, and a summary table."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from longdoc import LongDocError
+
+from .options import per_method_options
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: needle accuracy, filter layers, speed and memory.")
+out_console = Console()
+err = Console(stderr=True)
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_BOOKS = Path("../shared/corpus/books")
+BUNDLED_MODEL = "examples/models/needle-tiny"
+ALL_METHODS = "full,gemfilter,homer,snapkv,streaming,rag"
+
+Options = Annotated[
+    list[str] | None,
+    typer.Option("--option", "-o", help="KEY=VALUE for every method that has KEY, or METHOD.KEY=VALUE."),
+]
+
+
+Books = Annotated[Path | None, typer.Option(help="Folder of .txt books (default ../shared/corpus/books).")]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x.lower().replace("k", "")) * (1024 if x.lower().endswith("k") else 1) for x in text.split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _bar(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet,
+    )
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    import longdoc
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return dict(
+        longdoc=longdoc.__version__,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        python=platform.python_version(),
+        gpu=gpu,
+    )
+
+
+def _write(out: Path, name: str, payload: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"command": " ".join(["longdoc", *sys.argv[1:]]), "versions": _versions(), **payload}
+    path = out / name
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def _haystacks(books: Path | None, tokenizer, held_out: bool):
+    from longdoc.bench.needle import Haystacks, load_books
+
+    folder = books or DEFAULT_BOOKS
+    if not folder.is_dir():
+        raise LongDocError(f"no book folder at {folder}; pass --books DIR (a folder of .txt files)")
+    chosen = load_books(folder, held_out=True) if held_out else {}
+    if not chosen:  # a user's folder without the held-out books: use all of it
+        chosen = load_books(folder)
+    if not chosen:
+        raise LongDocError(f"{folder} has no .txt files to cut haystacks from")
+    return Haystacks(chosen, tokenizer), sorted(chosen)
+
+
+def _run(fn, out: Path):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fn()
+    except LongDocError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@bench_app.command()
+def needle(
+    model: str = typer.Option(BUNDLED_MODEL, help="Hub id or local folder."),
+    methods: str = typer.Option(ALL_METHODS, help="Comma-separated methods."),
+    lengths: str = typer.Option("1024,2048,4096", help="Haystack lengths in tokens (4096 or 4k)."),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", help="Needle depths, 0 = start, 1 = end."),
+    needles: int = typer.Option(1, help="Needles per haystack (the question asks about one)."),
+    samples: int = typer.Option(5, help="Samples per (length, depth) cell."),
+    books: Books = None,
+    held_out: bool = typer.Option(True, "--held-out/--all-books", help="Only the needle model's held-out books."),
+    top_k: int | None = typer.Option(None, help="Token budget of gemfilter, snapkv, streaming and rag."),
+    option: Options = None,
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, help="Same seed, same haystacks for every method."),
+    out: Annotated[Path, typer.Option(help="Folder for needle.json and the heatmaps.")] = Path("bench-out"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Needle accuracy of each method over lengths and depths: JSON, a heatmap per method, a summary table."""
+
+    def work():
+        from longdoc import LongDoc
+        from longdoc.bench.evaluate import needle_records
+        from longdoc.bench.plots import heatmap
+
+        names, length_list, depth_list = _names(methods), _ints(lengths), _floats(depths)
+        configs = per_method_options(names, option or [], top_k=top_k)
+        base = LongDoc.from_pretrained(model, method="full", device=device)
+        haystacks, used_books = _haystacks(books, base.tokenizer, held_out)
+        records = []
+        with _bar(quiet) as bar:
+            task = bar.add_task("needle", total=len(names) * len(length_list) * len(depth_list) * samples)
+            for name in names:
+                doc = base.with_method(name, **configs[name])
+                for length in length_list:
+                    for depth in depth_list:
+                        cell = needle_records(
+                            doc, haystacks, length=length, needles=needles, samples=samples, depths=[depth], seed=seed
+                        )
+                        for record in cell:
+                            record["depth_asked"] = depth
+                        records.extend(cell)
+                        bar.advance(task, samples)
+        summary = _summary(records, names, length_list)
+        for name in names:
+            cells = {
+                (length, depth): _mean(
+                    r["correct"]
+                    for r in records
+                    if r["method"] == name and r["length"] == length and r["depth_asked"] == depth
+                )
+                for length in length_list
+                for depth in depth_list
+            }
+            heatmap(
+                out / f"needle-{name}.png",
+                f"{name}, {needles} needle(s), {Path(model).name}",
+                length_list,
+                depth_list,
+                cells,
+            )
+        path = _write(
+            out,
+            "needle.json",
+            dict(model=model, books=used_books, needles=needles, options=configs, summary=summary, records=records),
+        )
+        _table(f"exact answers, {needles} needle(s), {samples} samples per cell", summary, length_list)
+        err.print(f"wrote {path} and {len(names)} heatmaps", highlight=False)
+
+    _run(work, out)
+
+
+@bench_app.command()
+def layers(
+    model: str = typer.Option(BUNDLED_MODEL, help="Hub id or local folder."),
+    lengths: str = typer.Option("2048", help="Haystack lengths in tokens."),
+    needles: int = typer.Option(1, help="Needles per haystack."),
+    samples: int = typer.Option(10, help="Samples per (layer, length)."),
+    books: Books = None,
+    held_out: bool = typer.Option(True, "--held-out/--all-books"),
+    top_k: int = typer.Option(256, help="GemFilter's context tokens kept."),
+    option: Options = None,
+    device: str = typer.Option("auto"),
+    seed: int = typer.Option(0),
+    out: Annotated[Path, typer.Option(help="Folder for layers.json and layers.png.")] = Path("bench-out"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """GemFilter accuracy against filter layer, to find the layer for any model."""
+
+    def work():
+        from longdoc import LongDoc
+        from longdoc.bench.evaluate import accuracy, needle_records
+        from longdoc.bench.plots import lines
+
+        length_list = _ints(lengths)
+        config = per_method_options(["gemfilter"], option or [], top_k=top_k)["gemfilter"]
+        if "filter_layer" in config:
+            raise LongDocError("bench layers sweeps filter_layer itself; do not pass it")
+        base = LongDoc.from_pretrained(model, method="full", device=device)
+        haystacks, used_books = _haystacks(books, base.tokenizer, held_out)
+        num_layers = base.arch.num_layers
+        records, series = [], {f"{length} tokens": {} for length in length_list}
+        with _bar(quiet) as bar:
+            task = bar.add_task("layers", total=num_layers * len(length_list) * samples)
+            for layer in range(num_layers):
+                doc = base.with_method("gemfilter", filter_layer=layer, **config)
+                for length in length_list:
+                    cell = needle_records(doc, haystacks, length=length, needles=needles, samples=samples, seed=seed)
+                    for record in cell:
+                        record["filter_layer"] = layer
+                    records.extend(cell)
+                    series[f"{length} tokens"][layer] = accuracy(cell)
+                    bar.advance(task, samples)
+        mean = {layer: _mean(series[s][layer] for s in series) for layer in range(num_layers)}
+        best = max(mean, key=lambda layer: (mean[layer], -layer))
+        lines(
+            out / "layers.png", f"GemFilter filter layer, {Path(model).name}", "filter layer", "exact answers", series
+        )
+        path = _write(
+            out,
+            "layers.json",
+            dict(model=model, books=used_books, options=config, accuracy=series, best_layer=best, records=records),
+        )
+        table = Table("filter layer", *series, "mean")
+        for layer in range(num_layers):
+            mark = " <- best" if layer == best else ""
+            table.add_row(str(layer), *[f"{series[s][layer]:.2f}" for s in series], f"{mean[layer]:.2f}{mark}")
+        out_console.print(table)
+        err.print(f"best filter layer: {best} (mean {mean[best]:.2f}); wrote {path}", highlight=False)
+
+    _run(work, out)
+
+
+@bench_app.command()
+def speed(
+    shape: str = typer.Option("llama-3.1-8b", help="llama-3.1-8b, qwen2.5-7b, mistral-nemo-12b (or tiny)."),
+    lengths: str = typer.Option("8k,32k", help="Prompt lengths in tokens (8192 or 8k)."),
+    methods: str = typer.Option("full,gemfilter,homer,snapkv", help="Comma-separated methods (not rag)."),
+    runs: int = typer.Option(3, help="Timed runs after one warm-up; medians are reported."),
+    decode_tokens: int = typer.Option(32, help="Tokens decoded to measure decode speed."),
+    top_k: int | None = typer.Option(None, help="Token budget of gemfilter, snapkv and streaming."),
+    option: Options = None,
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (bf16 on CUDA, float32 on CPU)."),
+    out: Annotated[Path, typer.Option(help="Folder for speed.json and speed.png.")] = Path("bench-out"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Time to first token, decode tokens/s and peak GPU memory over the weights, on a random model of a real shape."""
+
+    def work():
+        from longdoc.bench.plots import lines
+        from longdoc.bench.shapes import SHAPES
+        from longdoc.bench.speed import speed_records
+        from longdoc.model import resolve_device
+
+        if shape not in SHAPES:
+            raise LongDocError(f"unknown shape '{shape}'; choose from: {', '.join(SHAPES)}")
+        names = _names(methods)
+        if "rag" in names:
+            raise LongDocError("speed runs on random token ids; rag needs real text (use bench needle)")
+        configs = per_method_options(names, option or [], top_k=top_k)
+        length_list = _ints(lengths)
+        with _bar(quiet) as bar:
+            task = bar.add_task(f"speed {shape}", total=len(length_list) * len(names))
+            records, info = speed_records(
+                shape,
+                length_list,
+                configs,
+                runs=runs,
+                decode_tokens=decode_tokens,
+                device=resolve_device(device),
+                progress=lambda stage, done, total: bar.update(task, completed=done),
+            )
+        series = {
+            name: {r["length"]: r["ttft_seconds"] for r in records if r["method"] == name and "ttft_seconds" in r}
+            for name in names
+        }
+        lines(out / "speed.png", f"time to first token, {shape} ({info['device']})", "tokens", "seconds", series, True)
+        path = _write(out, "speed.json", dict(**info, records=records))
+        table = Table("tokens", "method", "TTFT s", "x full", "decode tok/s", "peak over weights GiB", "kept")
+        full = {r["length"]: r for r in records if r["method"] == "full" and "ttft_seconds" in r}
+        for r in records:
+            if "ttft_seconds" not in r:
+                table.add_row(str(r["length"]), r["method"], "OOM" if r["oom"] else "error", "", "", "", "")
+                continue
+            ratio = f"{r['ttft_seconds'] / full[r['length']]['ttft_seconds']:.2f}" if r["length"] in full else ""
+            peak = r["peak_bytes_over_weights"]
+            table.add_row(
+                str(r["length"]),
+                r["method"],
+                f"{r['ttft_seconds']:.3f}",
+                ratio,
+                f"{r['decode_tokens_per_second']:.1f}",
+                f"{peak / 2**30:.2f}" if peak is not None else "-",
+                str(r["tokens_kept"]),
+            )
+        out_console.print(table)
+        err.print(f"wrote {path}", highlight=False)
+
+    _run(work, out)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(1, len(values))
+
+
+def _summary(records: list[dict], names: list[str], lengths: list[int]) -> dict:
+    return {
+        name: {
+            str(length): _mean(r["correct"] for r in records if r["method"] == name and r["length"] == length)
+            for length in lengths
+        }
+        for name in names
+    }
+
+
+def _table(title: str, summary: dict, lengths: list[int]) -> None:
+    table = Table("method", *[str(length) for length in lengths], "mean", title=title)
+    for name, row in summary.items():
+        values = [row[str(length)] for length in lengths]
+        table.add_row(name, *[f"{v:.2f}" for v in values], f"{_mean(values):.2f}")
+    out_console.print(table)

@@ -1,0 +1,108 @@
+"""Time to first token, decode speed and peak GPU memory of every method on a random model of a real shape."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ..arch import Arch
+from ..errors import LongDocError
+from ..generate import GenerationConfig, generate_tokens
+from ..methods import make_method
+from ..progress import ProgressHook, no_progress
+from ..prompt import PromptLayout
+from .shapes import random_model
+
+PREFIX, SUFFIX = 8, 24  # template tokens around the context, as a chat prompt has
+
+
+def synthetic_layout(tokens: int, vocab: int, seed: int = 0) -> PromptLayout:
+    """Random token ids in the prefix | context | suffix shape; speed does not depend on the text."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, vocab, (tokens,), generator=generator).tolist()
+    context = ids[PREFIX : tokens - SUFFIX]
+    return PromptLayout(
+        prefix_ids=ids[:PREFIX],
+        context_ids=context,
+        suffix_ids=ids[tokens - SUFFIX :],
+        context_offsets=[(i, i + 1) for i in range(len(context))],
+        context_text=" " * len(context),
+    )
+
+
+def speed_records(
+    shape: str,
+    lengths: list[int],
+    methods: dict[str, dict],
+    runs: int = 3,
+    decode_tokens: int = 32,
+    device: str = "cuda",
+    progress: ProgressHook = no_progress,
+) -> tuple[list[dict], dict]:
+    """One record per (length, method): medians of `runs` timed runs after one warm-up; OOM is recorded."""
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = random_model(shape, dev, dtype, "sdpa")
+    arch = Arch(model)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    info = dict(shape=shape, device=_device_name(dev), dtype=str(dtype).removeprefix("torch."), weight_bytes=weights)
+    records = []
+    total, done = len(lengths) * len(methods), 0
+    for length in lengths:
+        layout = synthetic_layout(length, model.config.vocab_size)
+        for name, options in methods.items():
+            method = make_method(name, **options)
+            record = dict(method=name, length=length, options=options)
+            try:
+                samples = [_one_run(arch, method, layout, decode_tokens) for _ in range(runs + 1)][1:]
+            except torch.OutOfMemoryError:
+                record.update(oom=True)
+            except LongDocError as exc:  # this method cannot run this length (e.g. too few layers for the chunks)
+                record.update(oom=False, error=str(exc))
+            else:
+                record.update(
+                    oom=False,
+                    tokens_kept=samples[0]["kept"],
+                    ttft_seconds=statistics.median(s["ttft"] for s in samples),
+                    decode_tokens_per_second=statistics.median(s["decode_tps"] for s in samples),
+                    peak_bytes_over_weights=max(s["peak"] or 0 for s in samples) if dev.type == "cuda" else None,
+                    runs=runs,
+                )
+            records.append(record)
+            _free(dev)
+            done += 1
+            progress("speed", done, total)
+    return records, info
+
+
+def _one_run(arch: Arch, method, layout: PromptLayout, decode_tokens: int) -> dict:
+    _free(arch.device)
+    prefilled = method.prefill(arch, layout)
+    _sync(arch.device)
+    start = time.perf_counter()
+    config = GenerationConfig(max_new_tokens=decode_tokens)
+    count = sum(1 for _ in generate_tokens(arch, prefilled, config, eos_ids=()))
+    _sync(arch.device)
+    seconds = time.perf_counter() - start
+    return dict(
+        kept=prefilled.tokens_kept,
+        ttft=prefilled.prefill_seconds,
+        decode_tps=count / seconds,
+        peak=prefilled.peak_memory_bytes,
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
