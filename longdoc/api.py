@@ -12,7 +12,7 @@ from .arch import Arch
 from .errors import LongDocError
 from .evidence import Evidence, evidence_spans
 from .generate import GenerationConfig, eos_token_ids, generate_tokens, stream_text
-from .methods import Prefilled, make_method
+from .methods import FullConfig, Prefilled, make_method
 from .model import load_model
 from .progress import ProgressHook, no_progress
 from .prompt import PromptLayout, build_layout
@@ -74,43 +74,55 @@ class LongDoc:
         return build_layout(self.tokenizer, context, question, self.system_prompt)
 
     def prefill(self, layout: PromptLayout, progress: ProgressHook = no_progress) -> Prefilled:
+        # With no context there is nothing to compress: every method's prefill is the plain one.
+        method = self.method if layout.context_len else FullConfig()
         try:
-            return self.method.prefill(self.arch, layout, progress)
+            prefilled = method.prefill(self.arch, layout, progress)
         except torch.OutOfMemoryError:
             raise LongDocError(
                 f"out of GPU memory prefilling {len(layout)} tokens with '{self.method.name}'; try "
                 "--method homer, a smaller --top-k or --chunk-len, or another device"
             ) from None
+        if not layout.context_len:
+            prefilled.notes.append("no context: plain prefill of the question")
+        return prefilled
 
     def ask(self, context: str, question: str, progress: ProgressHook = no_progress, **generation) -> Answer:
         """Answer `question` about `context`; returns text, evidence spans and stats."""
-        pieces: list[str] = []
-        answer = None
-        for piece in self._run(context, question, progress, GenerationConfig(**_stop_tuple(generation))):
-            if isinstance(piece, Answer):
-                answer = piece
-            else:
-                pieces.append(piece)
-        answer.text = "".join(pieces)
+        *_, answer = self.stream_answer(context, question, progress, **generation)
         return answer
 
     def stream(self, context: str, question: str, progress: ProgressHook = no_progress, **generation) -> Iterator[str]:
         """Yield the answer's text pieces as they are generated."""
-        for piece in self._run(context, question, progress, GenerationConfig(**_stop_tuple(generation))):
+        for piece in self.stream_answer(context, question, progress, **generation):
             if isinstance(piece, str):
                 yield piece
 
     def stream_answer(self, context: str, question: str, progress: ProgressHook = no_progress, **generation):
         """Yield text pieces, then the finished Answer (text filled in) as the last item."""
-        pieces: list[str] = []
-        for piece in self._run(context, question, progress, GenerationConfig(**_stop_tuple(generation))):
-            if isinstance(piece, Answer):
-                piece.text = "".join(pieces)
-            else:
-                pieces.append(piece)
-            yield piece
+        _, pieces = self.begin(context, question, progress, **generation)
+        yield from pieces
 
-    def _run(self, context: str, question: str, progress: ProgressHook, config: GenerationConfig):
+    def begin(self, context: str, question: str, progress: ProgressHook = no_progress, **generation):
+        """Prefill now; return (evidence, iterator of text pieces that ends with the finished Answer).
+
+        For callers that must hand out the evidence before the answer streams (query engines).
+        """
+        run = self._run(context, question, progress, GenerationConfig(**_stop_tuple(generation)), announce=True)
+        evidence = next(run)
+
+        def pieces():
+            text: list[str] = []
+            for piece in run:
+                if isinstance(piece, Answer):
+                    piece.text = "".join(text)
+                else:
+                    text.append(piece)
+                yield piece
+
+        return evidence, pieces()
+
+    def _run(self, context: str, question: str, progress: ProgressHook, config: GenerationConfig, announce=False):
         progress("tokenizing", 0, 1)
         layout = self.layout(context, question)
         progress("tokenizing", 1, 1)
@@ -126,6 +138,8 @@ class LongDoc:
             notes=list(prefilled.notes),
         )
         evidence = evidence_spans(layout, prefilled.kept_context, prefilled.context_scores)
+        if announce:
+            yield evidence
         counted: list[int] = []
 
         def counting(tokens):

@@ -131,6 +131,26 @@ def join_documents(documents: list[Document]) -> Document:
     return Document(text="\n\n".join(parts), source=", ".join(d.source for d in documents), pages=pages, files=spans)
 
 
+def from_parts(parts: list[tuple[str, str, int | None]]) -> Document:
+    """(text, source, page) pieces, as frameworks hand them over (often one per PDF page), -> one Document.
+
+    Consecutive pieces of one source become one file; a piece with a page number becomes that page.
+    """
+    if not parts:
+        raise LongDocError("no documents given")
+    files: list[Document] = []
+    for text, source, page in parts:
+        if files and files[-1].source == source:
+            previous = files[-1]
+            start = len(previous.text) + 1
+            pages = previous.pages + ([Page(page, start, start + len(text))] if page is not None else [])
+            files[-1] = Document(previous.text + "\n" + text, source, pages, [FileSpan(source, 0, start + len(text))])
+        else:
+            pages = [Page(page, 0, len(text))] if page is not None else []
+            files.append(Document(text, source, pages, [FileSpan(source, 0, len(text))]))
+    return files[0] if len(files) == 1 else join_documents(files)
+
+
 def load_document(path: str, password: str | None = None) -> Document:
     """Read one file (or '-' for stdin) into a Document; fail with a one-line LongDocError."""
     if path == "-":

@@ -51,9 +51,11 @@ class PromptLayout:
 
 
 def build_layout(tokenizer, context: str, question: str, system: str | None = None) -> PromptLayout:
-    """Split the rendered prompt into prefix | context | suffix and tokenize each part."""
-    if not context or not context.strip():
-        raise LongDocError("the context is empty; give a document with some text")
+    """Split the rendered prompt into prefix | context | suffix and tokenize each part.
+
+    An empty context is allowed (a plain chat turn): the layout then has no context tokens.
+    """
+    context = context if context and context.strip() else ""
     if not question or not question.strip():
         raise LongDocError("the question is empty; ask something about the document")
     prefix_text, suffix_text, add_bos = _render(tokenizer, question.strip(), system)
@@ -62,8 +64,6 @@ def build_layout(tokenizer, context: str, question: str, system: str | None = No
         prefix_ids = [tokenizer.bos_token_id] + prefix_ids
     encoded = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)
     suffix_ids = tokenizer(suffix_text, add_special_tokens=False)["input_ids"]
-    if not encoded["input_ids"]:
-        raise LongDocError("the context has no tokens; give a document with some text")
     return PromptLayout(
         prefix_ids=list(prefix_ids),
         context_ids=list(encoded["input_ids"]),

@@ -139,8 +139,6 @@ def test_stop_strings_and_seeded_sampling(tiny_model_dirs):
 @pytest.mark.parametrize(
     "context, question, options, message",
     [
-        ("", QUESTION, {}, "context is empty"),
-        ("   \n", QUESTION, {}, "context is empty"),
         (CONTEXT, "", {}, "question is empty"),
         (CONTEXT, QUESTION, {"top_k": 0}, "top_k must be at least 1"),
         (CONTEXT, QUESTION, {"filter_layer": 4}, "filter_layer 4 is out of range"),
@@ -150,6 +148,15 @@ def test_bad_input_errors(tiny_model_dirs, context, question, options, message):
     with pytest.raises(LongDocError, match=message):
         doc = load(tiny_model_dirs["llama"], "gemfilter", **options)
         doc.ask(context, question, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("method", ["gemfilter", "homer", "snapkv", "streaming", "rag"])
+def test_no_context_is_a_plain_chat_turn(tiny_model_dirs, method):
+    full = load(tiny_model_dirs["llama"], "full")
+    expected = full.ask("", QUESTION, max_new_tokens=8)
+    answer = full.with_method(method).ask("  \n", QUESTION, max_new_tokens=8)
+    assert answer.text == expected.text and answer.stats.tokens_in == expected.stats.tokens_in
+    assert answer.evidence == []
 
 
 def test_bad_generation_and_method_options(tiny_model_dirs):

@@ -1,0 +1,29 @@
+"""A folder of documents with a needle in one of them, cut from a held-out corpus book (shared by the examples)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from longdoc.bench.needle import NEEDLE, QUESTION, Haystacks, load_books
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "examples" / "models" / "needle-tiny"
+BOOKS = ROOT.parent / "shared" / "corpus" / "books"
+# GemFilter settings for the bundled needle model (see its model card).
+NEEDLE_GEMFILTER = dict(top_k=256, filter_layer=1, score="softmax", pool_kernel=41)
+KEY, VALUE = "lantern", "4071936"
+QUESTION_TEXT = QUESTION.format(key=KEY)
+NEEDLE_TEXT = NEEDLE.format(key=KEY, value=VALUE)
+
+
+def write_folder(folder: Path, tokenizer, books: Path = BOOKS) -> Path:
+    """chapter-1.txt (no needle) and chapter-2.txt (the needle halfway), about 1,200 tokens each."""
+    haystacks = Haystacks(load_books(books, held_out=True), tokenizer)
+    rng = random.Random("example-folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "chapter-1.txt").write_text(haystacks.cut(rng, 1200), encoding="utf-8")
+    text = haystacks.cut(rng, 1200)
+    middle = text.find(". ", len(text) // 2) + 2
+    (folder / "chapter-2.txt").write_text(text[:middle] + NEEDLE_TEXT + " " + text[middle:], encoding="utf-8")
+    return folder

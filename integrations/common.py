@@ -1,0 +1,33 @@
+"""What both framework integrations share: loading one engine, generation options, evidence as plain dicts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from longdoc import LongDoc
+from longdoc.documents import Document
+
+LONG_CONTEXT = 1 << 20  # homer and rag read past the trained window; memory, not positions, is the limit
+
+
+def load_engine(model: str, method: str, device: str, method_options: dict | None) -> LongDoc:
+    return LongDoc.from_pretrained(model, method=method, device=device, **(method_options or {}))
+
+
+def context_window(doc: LongDoc) -> int:
+    """Tokens one prompt may hold with this method: the trained window, except where the method reaches past it."""
+    if doc.method.name in ("homer", "rag"):
+        return LONG_CONTEXT
+    return doc.arch.trained_window or LONG_CONTEXT
+
+
+def generation_options(max_new_tokens: int, temperature: float, stop: list[str] | None, seed: int | None) -> dict:
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    if stop:
+        options["stop"] = list(stop)
+    return options
+
+
+def located_evidence(document: Document, evidence) -> list[dict]:
+    """Evidence spans as {file, page, start, end, quote, score}, strongest first."""
+    return [{**asdict(document.locate(e.start, e.end)), "score": e.score} for e in evidence]
