@@ -137,7 +137,7 @@ def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, t
             answer = piece
     spans = []
     for e in answer.evidence:
-        spans.append({**asdict(document.locate(e.start, e.end)), "score": round(e.score, 4)})
+        spans.append({**asdict(document.locate(e.start, e.end, e.peak)), "score": round(e.score, 4)})
     if as_json:
         print(json.dumps({"answer": answer.text, "evidence": spans, "stats": asdict(answer.stats)}, indent=2))
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import lru_cache
 
 from longdoc import LongDoc
 from longdoc.documents import Document
@@ -10,8 +11,15 @@ from longdoc.documents import Document
 LONG_CONTEXT = 1 << 20  # homer and rag read past the trained window; memory, not positions, is the limit
 
 
+@lru_cache(maxsize=4)
+def shared_model(model: str, device: str) -> LongDoc:
+    """One loaded model per (model, device) in this process; every integration object shares it."""
+    return LongDoc.from_pretrained(model, method="full", device=device)
+
+
 def load_engine(model: str, method: str, device: str, method_options: dict | None) -> LongDoc:
-    return LongDoc.from_pretrained(model, method=method, device=device, **(method_options or {}))
+    """The shared model with this method (no reload; a bad option fails here, before any call)."""
+    return shared_model(model, device).with_method(method, **(method_options or {}))
 
 
 def context_window(doc: LongDoc) -> int:
@@ -30,4 +38,4 @@ def generation_options(max_new_tokens: int, temperature: float, stop: list[str] 
 
 def located_evidence(document: Document, evidence) -> list[dict]:
     """Evidence spans as {file, page, start, end, quote, score}, strongest first."""
-    return [{**asdict(document.locate(e.start, e.end)), "score": e.score} for e in evidence]
+    return [{**asdict(document.locate(e.start, e.end, e.peak)), "score": e.score} for e in evidence]

@@ -73,16 +73,22 @@ class Document:
                 return page.number
         return None
 
-    def locate(self, start: int, end: int) -> Located:
-        """Where a span of `text` lies: its file, page and offsets within that file, cut at the file's end."""
+    def locate(self, start: int, end: int, peak: int | None = None) -> Located:
+        """Where a span of `text` lies: file, page and offsets within that file.
+
+        The file and page are those of `peak` (the span's strongest token; default its start), and the
+        span is cut to that page and file, so a span that runs over a page break names one page.
+        """
+        at = start if peak is None or peak < 0 else peak
+        for page in self.pages:
+            if page.start <= at < page.end:
+                start, end = max(start, page.start), min(end, page.end)
         for span in self.files:
-            if span.start <= start < span.end:
-                end = min(end, span.end)
-                local_start, local_end = start - span.start, end - span.start
-                return Located(
-                    span.source, self.page_at(start), local_start, local_end, quote_of(self.text, start, end)
-                )
-        return Located(self.source, self.page_at(start), start, end, quote_of(self.text, start, end))
+            if span.start <= at < span.end:
+                start, end = max(start, span.start), min(end, span.end)
+                quote = quote_of(self.text, start, end)
+                return Located(span.source, self.page_at(at), start - span.start, end - span.start, quote)
+        return Located(self.source, self.page_at(at), start, end, quote_of(self.text, start, end))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ class Evidence:
     quote: str
     score: float
     tokens: int  # kept tokens in this span
+    peak: int = -1  # character offset of the span's highest-scoring token
 
 
 def evidence_spans(
@@ -31,22 +32,25 @@ def evidence_spans(
         return []
     kept_list = kept.tolist()
     score_list = scores.tolist()
-    runs: list[tuple[int, int, float, int]] = []
-    first = last = kept_list[0]
+    runs: list[tuple[int, int, float, int, int]] = []  # first, last, best score, count, best token
+    first = last = peak = kept_list[0]
     best, count = score_list[0], 1
     for index, score in zip(kept_list[1:], score_list[1:], strict=True):
         if index - last <= max_gap:
-            last, best, count = index, max(best, score), count + 1
+            last, count = index, count + 1
+            if score > best:
+                best, peak = score, index
         else:
-            runs.append((first, last, best, count))
-            first = last = index
+            runs.append((first, last, best, count, peak))
+            first = last = peak = index
             best, count = score, 1
-    runs.append((first, last, best, count))
+    runs.append((first, last, best, count, peak))
     spans = []
-    for first, last, best, count in sorted(runs, key=lambda r: -r[2])[:limit]:
+    for first, last, best, count, peak in sorted(runs, key=lambda r: -r[2])[:limit]:
         start, end = layout.context_offsets[first][0], layout.context_offsets[last][1]
         quote = quote_of(layout.context_text, start, end)
-        spans.append(Evidence(start=start, end=end, quote=quote, score=float(best), tokens=count))
+        at = layout.context_offsets[peak][0]
+        spans.append(Evidence(start=start, end=end, quote=quote, score=float(best), tokens=count, peak=at))
     return spans
 
 
