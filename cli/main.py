@@ -165,6 +165,57 @@ def _chain(first, rest):
 
 
 @app.command()
+def calibrate(
+    model: str = typer.Argument(..., help="Hub id or local model folder."),
+    text: Annotated[list[Path] | None, typer.Option(help="Plain-text files to measure on (default: --books).")] = None,
+    books: Annotated[Path, typer.Option(help="Folder of .txt books, used without --text.")] = Path(
+        "../shared/corpus/books"
+    ),
+    samples: int = typer.Option(16, help="Text windows averaged."),
+    length: int | None = typer.Option(None, help="Window in tokens (default: HOMER's chunk, min(window/2, 4096))."),
+    out: Annotated[
+        Path | None, typer.Option(help="Output file (default: longdoc-calibration.safetensors in MODEL).")
+    ] = None,
+    device: str = typer.Option("auto"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Measure HOMER's positional calibration for MODEL and save it; HOMER then uses it on its own."""
+    try:
+        _calibrate(model, text or [], books, samples, length, out, device, quiet)
+    except LongDocError as exc:
+        fail(str(exc))
+
+
+def _calibrate(model, texts, books, samples, length, out, device, quiet) -> None:
+    from longdoc import LongDoc
+    from longdoc.bench.needle import strip_gutenberg
+    from longdoc.calibration import FILE_NAME, measure, save, text_windows
+    from longdoc.methods.homer import DEFAULT_CHUNK_CAP
+
+    if out is None:
+        if not Path(model).is_dir():
+            raise LongDocError(f"'{model}' is not a local folder; pass --out FILE and give HOMER -o calibration=FILE")
+        out = Path(model) / FILE_NAME
+    paths = list(texts) or sorted(books.glob("*.txt"))
+    if not paths:
+        raise LongDocError(f"no text to measure on: {books} has no .txt files; pass --text FILE")
+    for path in paths:
+        if not path.is_file():
+            raise LongDocError(f"file not found: {path}")
+    doc = LongDoc.from_pretrained(model, method="full", device=device)
+    window = doc.arch.trained_window
+    length = length or (min(window // 2, DEFAULT_CHUNK_CAP) if window else DEFAULT_CHUNK_CAP)
+    corpus = [strip_gutenberg(p.read_text(encoding="utf-8", errors="replace")) for p in paths]
+    windows = text_windows(doc.tokenizer, corpus, length, samples)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, disable=quiet) as bar:  # fmt: skip
+        task = bar.add_task("calibrate", total=samples)
+        bias = measure(doc.arch, windows, lambda stage, done, total: bar.update(task, completed=done))
+    save(out, bias, source=", ".join(p.name for p in paths[:20]), samples=samples)
+    err.print(f"saved {tuple(bias.shape)} layer x distance bias to {out}", highlight=False)
+
+
+@app.command()
 def info() -> None:
     """Versions, devices, methods and supported model families."""
     import torch

@@ -101,3 +101,51 @@ def test_homer_decodes_on_gqa_families(tiny_model_dirs, family):
 def test_bad_configs(tiny_model_dirs, options, message):
     with pytest.raises(LongDocError, match=message):
         load(tiny_model_dirs["llama"], "homer", **options).ask(CONTEXT, QUESTION, max_new_tokens=2)
+
+
+def test_calibrate_writes_a_bias_that_homer_finds_and_reports(deep_llama, tmp_path):
+    from longdoc.cli.main import app
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from longdoc.calibration import FILE_NAME
+
+    text = tmp_path / "plain.txt"
+    text.write_text(CONTEXT * 8, encoding="utf-8")
+    result = CliRunner().invoke(
+        app, ["calibrate", str(deep_llama), "--text", str(text), "--samples", "3", "--length", "96", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    bias = load_file(str(deep_llama / FILE_NAME))["bias"]
+    assert bias.shape == (8, 96) and torch.isfinite(bias).all()
+
+    doc = load(deep_llama, "homer", max_chunk_len=96)
+    layout = doc.layout(CONTEXT, QUESTION)
+    calibrated = doc.prefill(layout)
+    assert any("calibrated with" in note for note in calibrated.notes)
+    plain = doc.with_method("homer", max_chunk_len=96, calibration="off").prefill(layout)
+    assert any("uncalibrated" in note for note in plain.notes)
+    (deep_llama / FILE_NAME).unlink()
+
+
+def test_calibration_bias_is_subtracted_per_layer_and_distance(deep_llama, tmp_path):
+    from safetensors.torch import save_file
+
+    doc = load(deep_llama, "homer", max_chunk_len=96, calibration="off")
+    layout = doc.layout(CONTEXT, QUESTION)
+    plain = doc.prefill(layout)
+    zeros = tmp_path / "zeros.safetensors"
+    save_file({"bias": torch.zeros(8, 96)}, str(zeros))
+    same = doc.with_method("homer", max_chunk_len=96, calibration=str(zeros)).prefill(layout)
+    assert same.kept_context.tolist() == plain.kept_context.tolist()
+    # A huge bias for the nearest 40 distances makes those tokens the least wanted at every pruning step.
+    near = torch.zeros(8, 96)
+    near[:, :40] = 1e6
+    biased_file = tmp_path / "near.safetensors"
+    save_file({"bias": near}, str(biased_file))
+    biased = doc.with_method("homer", max_chunk_len=96, calibration=str(biased_file)).prefill(layout)
+    assert biased.kept_context.tolist() != plain.kept_context.tolist()
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"bias": torch.zeros(3, 96)}, str(wrong))
+    with pytest.raises(LongDocError, match="bias for 3 layers, this model has 8"):
+        doc.with_method("homer", max_chunk_len=96, calibration=str(wrong)).prefill(layout)

@@ -12,7 +12,8 @@ Positions follow the reference: every chunk's context starts at position len(pre
 suffix sits at len(prefix) + chunk_len in every chunk; merged position ids are concatenated,
 never renumbered, so no position exceeds max_chunk_len. Decoding continues at the last one + 1.
 
-Not implemented yet: the per-layer, per-distance positional calibration of the scores.
+Positional calibration: when a `longdoc calibrate` file is found (next to the model, or given), the
+mean score at each layer and distance is subtracted before pruning; the notes say whether it was.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ import torch
 
 from ..arch import Arch
 from ..cache import KVCache
+from ..calibration import find as find_calibration
+from ..calibration import last_token_logits
+from ..calibration import load as load_calibration
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
@@ -81,6 +85,9 @@ class HomerConfig:
     max_chunk_len: int | None = None  # tokens per chunk incl. prefix and suffix; default min(window/2, 4096)
     target_len: int | None = None  # tokens the root keeps; default max_chunk_len
     warmup_layers: int | None = None  # default round(0.375 * layers), the reference's 12 of 32
+    # Positional calibration: a file from `longdoc calibrate`; None looks for longdoc-calibration.safetensors
+    # in the model's folder; "off" never calibrates.
+    calibration: str | None = None
 
     name = "homer"
 
@@ -121,7 +128,9 @@ class HomerConfig:
         height = int(math.log2(num_chunks))
         schedule = layer_schedule(arch.num_layers, warmup, height)
         arch.check_span(chunk_len_max)
-        run = _Run(arch, layout, schedule, chunk_len, num_chunks, eff // 2, target - p - s, progress)
+        calibration = None if self.calibration == "off" else find_calibration(arch, self.calibration)
+        bias = load_calibration(calibration, arch.num_layers).to(arch.device) if calibration else None
+        run = _Run(arch, layout, schedule, chunk_len, num_chunks, eff // 2, target - p - s, progress, bias)
         with Timer(arch.device) as timer:
             root = run.subtree(0, num_chunks, level=height)
             logits = arch.logits(arch.final_norm(root.hidden[:, -1:]))[:, -1]
@@ -136,7 +145,10 @@ class HomerConfig:
             context_scores=root.context_scores,
             notes=[
                 f"homer: {num_chunks} chunks of {chunk_len} context tokens, {height} merge levels, "
-                f"merges at layers {[b.start for b in schedule[1:]]}"
+                f"merges at layers {[b.start for b in schedule[1:]]}",
+                f"homer: calibrated with {calibration}"
+                if calibration
+                else "homer: uncalibrated (no calibration file; `longdoc calibrate MODEL` makes one)",
             ],
             details=dict(
                 chunks=num_chunks,
@@ -153,8 +165,9 @@ class HomerConfig:
 class _Run:
     """One HOMER prefill: builds leaves, runs blocks, prunes and merges, depth first."""
 
-    def __init__(self, arch, layout, schedule, chunk_len, num_chunks, child_keep, root_keep, progress):
+    def __init__(self, arch, layout, schedule, chunk_len, num_chunks, child_keep, root_keep, progress, bias=None):
         self.arch, self.layout, self.schedule = arch, layout, schedule
+        self.bias = bias  # (layers, distances) mean score to subtract, or None
         self.chunk_len, self.num_chunks = chunk_len, num_chunks
         self.child_keep, self.root_keep = child_keep, root_keep
         self.progress = progress
@@ -220,14 +233,18 @@ class _Run:
         state.keep(rows, context_scores)
 
     def scores(self, state: ChunkState, layer: int, layer_input, position_embeddings) -> torch.Tensor:
-        """Max over heads of the last token's attention logit q.k/sqrt(d) to every token, (n,) float32."""
+        """Max over heads of the last token's attention logit q.k/sqrt(d) to every token, (n,) float32.
+
+        With a calibration, the mean score at that layer and distance (from the last position) is subtracted.
+        """
         cos, sin = position_embeddings
         query = self.arch.queries(layer, layer_input[:, -1:], (cos[:, -1:], sin[:, -1:]))  # (1, H, 1, d)
         keys, _ = state.cache.layer(layer)  # (1, Hkv, n, d), as the attention saw them
-        heads, kv_heads = query.shape[1], keys.shape[1]
-        grouped = query.float().view(1, kv_heads, heads // kv_heads, query.shape[-1])
-        logits = torch.einsum("bgrd,bgnd->bgrn", grouped, keys.float()) / math.sqrt(query.shape[-1])
-        return logits.flatten(1, 2).amax(1)[0]
+        scores = last_token_logits(query, keys)
+        if self.bias is not None:
+            distance = (state.positions[0, -1] - state.positions[0]).clamp(0, self.bias.shape[1] - 1)
+            scores = scores - self.bias[layer, distance]
+        return scores
 
 
 def merge(left: ChunkState, right: ChunkState) -> ChunkState:

@@ -1,0 +1,104 @@
+"""HOMER's positional calibration: the mean last-token attention logit per layer and distance.
+
+RoPE models give nearby tokens higher logits whatever they say. HOMER prunes by the last token's
+logits, so it would keep recent tokens for their position alone. Measuring the mean score
+(max over heads of q.k/sqrt(d), as HOMER scores) at each layer and distance on plain text, and
+subtracting it, leaves what the token's content adds. The reference ships such bias files
+without the code that makes them; `longdoc calibrate` makes them for any model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from .arch import Arch
+from .cache import KVCache
+from .errors import LongDocError
+from .progress import ProgressHook, no_progress
+
+FILE_NAME = "longdoc-calibration.safetensors"
+
+
+def last_token_logits(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Max over heads of the last token's logit q.k/sqrt(d): query (1, H, 1, d), keys (1, Hkv, n, d) -> (n,)."""
+    heads, kv_heads, d = query.shape[1], keys.shape[1], query.shape[-1]
+    grouped = query.float().view(1, kv_heads, heads // kv_heads, d)
+    logits = torch.einsum("bgrd,bgnd->bgrn", grouped, keys.float()) / math.sqrt(d)
+    return logits.flatten(1, 2).amax(1)[0]
+
+
+@torch.inference_mode()
+def measure(arch: Arch, windows: list[list[int]], progress: ProgressHook = no_progress) -> torch.Tensor:
+    """Mean score per (layer, distance) over token windows of equal length: (layers, length) float32."""
+    length = len(windows[0])
+    total = torch.zeros(arch.num_layers, length, device=arch.device)
+    for done, ids in enumerate(windows, start=1):
+        input_ids = torch.tensor([ids], device=arch.device)
+        hidden = arch.embed(input_ids)
+        position_embeddings = arch.rotary(hidden, torch.arange(length, device=arch.device)[None])
+        cos, sin = position_embeddings
+        mask = arch.attention_mask(length, length, hidden.dtype, hidden.device)
+        cache = KVCache(arch.num_layers)
+        for i in range(arch.num_layers):
+            query = arch.queries(i, hidden[:, -1:], (cos[:, -1:], sin[:, -1:]))
+            hidden = arch.run_layer(i, hidden, position_embeddings, cache, mask)
+            total[i] += last_token_logits(query, cache.layer(i)[0]).flip(0)  # index = distance from the last token
+        progress("calibrate", done, len(windows))
+    return (total / len(windows)).cpu()
+
+
+def text_windows(tokenizer, texts: list[str], length: int, samples: int, seed: int = 0) -> list[list[int]]:
+    """`samples` windows of `length` tokens from the texts (BOS first when the tokenizer has one)."""
+    rng = random.Random(seed)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    need = length - len(bos)
+    pools = [ids for ids in (tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts) if len(ids) >= need]
+    if not pools:
+        raise LongDocError(f"no text has {need} tokens; give a longer text or a smaller --length")
+    windows = []
+    for _ in range(samples):
+        ids = rng.choice(pools)
+        start = rng.randrange(0, len(ids) - need + 1)
+        windows.append(bos + ids[start : start + need])
+    return windows
+
+
+def save(path: Path, bias: torch.Tensor, source: str, samples: int) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"bias": bias.contiguous()}, str(path), metadata={"source": source, "samples": str(samples)})
+    return path
+
+
+def load(path: Path, num_layers: int) -> torch.Tensor:
+    """The (layers, distances) bias, checked against the model."""
+    from safetensors.torch import load_file
+
+    try:
+        bias = load_file(str(path))["bias"]
+    except Exception as exc:  # a damaged or foreign file
+        raise LongDocError(
+            f"cannot read the calibration file {path} ({type(exc).__name__}); run longdoc calibrate"
+        ) from None
+    if bias.ndim != 2 or bias.shape[0] != num_layers:
+        raise LongDocError(
+            f"{path} holds a bias for {bias.shape[0]} layers, this model has {num_layers}; run longdoc calibrate again"
+        )
+    return bias
+
+
+def find(arch: Arch, explicit: str | None) -> Path | None:
+    """The calibration file to use: the one given, else longdoc-calibration.safetensors in the model's folder."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise LongDocError(f"calibration file not found: {explicit}")
+        return path
+    folder = Path(str(getattr(arch.config, "_name_or_path", "")))
+    candidate = folder / FILE_NAME
+    return candidate if folder.is_dir() and candidate.is_file() else None
