@@ -9,17 +9,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from longdoc import LongDocError
 
+from .console import err, fail, progress_bar
+from .console import out as stdout
 from .options import per_method_options
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: needle accuracy, filter layers, speed and memory.")
-out_console = Console()
-err = Console(stderr=True)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_BOOKS = Path("../shared/corpus/books")
@@ -45,17 +43,6 @@ def _floats(text: str) -> list[float]:
 
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def _bar(quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err,
-        disable=quiet,
-    )
 
 
 def _versions() -> dict:
@@ -101,8 +88,7 @@ def _run(fn, out: Path):
         out.mkdir(parents=True, exist_ok=True)
         fn()
     except LongDocError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        fail(str(exc))
 
 
 @bench_app.command()
@@ -134,7 +120,7 @@ def needle(
         base = LongDoc.from_pretrained(model, method="full", device=device)
         haystacks, used_books = _haystacks(books, base.tokenizer, held_out)
         records = []
-        with _bar(quiet) as bar:
+        with progress_bar(quiet) as bar:
             task = bar.add_task("needle", total=len(names) * len(length_list) * len(depth_list) * samples)
             for name in names:
                 doc = base.with_method(name, **configs[name])
@@ -206,7 +192,7 @@ def layers(
         haystacks, used_books = _haystacks(books, base.tokenizer, held_out)
         num_layers = base.arch.num_layers
         records, series = [], {f"{length} tokens": {} for length in length_list}
-        with _bar(quiet) as bar:
+        with progress_bar(quiet) as bar:
             task = bar.add_task("layers", total=num_layers * len(length_list) * samples)
             for layer in range(num_layers):
                 doc = base.with_method("gemfilter", filter_layer=layer, **config)
@@ -231,7 +217,7 @@ def layers(
         for layer in range(num_layers):
             mark = " <- best" if layer == best else ""
             table.add_row(str(layer), *[f"{series[s][layer]:.2f}" for s in series], f"{mean[layer]:.2f}{mark}")
-        out_console.print(table)
+        stdout.print(table)
         err.print(f"best filter layer: {best} (mean {mean[best]:.2f}); wrote {path}", highlight=False)
 
     _run(work, out)
@@ -265,7 +251,7 @@ def speed(
             raise LongDocError("speed runs on random token ids; rag needs real text (use bench needle)")
         configs = per_method_options(names, option or [], top_k=top_k)
         length_list = _ints(lengths)
-        with _bar(quiet) as bar:
+        with progress_bar(quiet) as bar:
             task = bar.add_task(f"speed {shape}", total=len(length_list) * len(names))
             records, info = speed_records(
                 shape,
@@ -299,7 +285,7 @@ def speed(
                 f"{peak / 2**30:.2f}" if peak is not None else "-",
                 str(r["tokens_kept"]),
             )
-        out_console.print(table)
+        stdout.print(table)
         err.print(f"wrote {path}", highlight=False)
 
     _run(work, out)
@@ -325,4 +311,4 @@ def _table(title: str, summary: dict, lengths: list[int]) -> None:
     for name, row in summary.items():
         values = [row[str(length)] for length in lengths]
         table.add_row(name, *[f"{v:.2f}" for v in values], f"{_mean(values):.2f}")
-    out_console.print(table)
+    stdout.print(table)

@@ -11,23 +11,17 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from longdoc import LongDocError
 
 from .bench import bench_app
+from .console import err, fail, progress_bar
 from .options import method_options, parse_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ask a local LLM about a whole document.")
-err = Console(stderr=True)
 app.add_typer(bench_app, name="bench")
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-
-
-def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -106,15 +100,7 @@ def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, t
     finally:
         if status:
             status.stop()
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=quiet,
-    )
+    bar = progress_bar(quiet, transient=True)
     tasks: dict[str, int] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -207,8 +193,7 @@ def _calibrate(model, texts, books, samples, length, out, device, quiet) -> None
     length = length or (min(window // 2, DEFAULT_CHUNK_CAP) if window else DEFAULT_CHUNK_CAP)
     corpus = [strip_gutenberg(p.read_text(encoding="utf-8", errors="replace")) for p in paths]
     windows = text_windows(doc.tokenizer, corpus, length, samples)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, disable=quiet) as bar:  # fmt: skip
+    with progress_bar(quiet) as bar:
         task = bar.add_task("calibrate", total=samples)
         bias = measure(doc.arch, windows, lambda stage, done, total: bar.update(task, completed=done))
     save(out, bias, source=", ".join(p.name for p in paths[:20]), samples=samples)

@@ -27,7 +27,11 @@ OTHER_MODEL = str(build_model("llama", Path(tempfile.mkdtemp(prefix="longdoc-oth
 needs_books = pytest.mark.skipif(not BOOKS.is_dir(), reason="needs ../shared/corpus/books beside the checkout")
 
 
-class TestChatLongDocUnit(ChatModelUnitTests):
+class ChatLongDocConfig:
+    """What both standard suites need to build the model. Out of scope, declared through the suites' own
+    flags: ChatLongDoc does not override bind_tools or with_structured_output, so has_tool_calling and
+    has_structured_output are False; image, audio and PDF inputs keep their default False."""
+
     @property
     def chat_model_class(self) -> type[ChatLongDoc]:
         return ChatLongDoc
@@ -41,20 +45,12 @@ class TestChatLongDocUnit(ChatModelUnitTests):
         return OTHER_MODEL
 
 
-class TestChatLongDocIntegration(ChatModelIntegrationTests):
-    # Out of scope, declared through the suites' own flags: ChatLongDoc does not override bind_tools or
-    # with_structured_output, so has_tool_calling and has_structured_output are False; no image/audio/PDF inputs.
-    @property
-    def chat_model_class(self) -> type[ChatLongDoc]:
-        return ChatLongDoc
+class TestChatLongDocUnit(ChatLongDocConfig, ChatModelUnitTests):
+    pass
 
-    @property
-    def chat_model_params(self) -> dict:
-        return PARAMS
 
-    @property
-    def model_override_value(self) -> str:
-        return OTHER_MODEL
+class TestChatLongDocIntegration(ChatLongDocConfig, ChatModelIntegrationTests):
+    pass
 
 
 PROMPT = f"Some words before. {NEEDLE_TEXT} Some words after.\n\n{QUESTION_TEXT}"
