@@ -135,7 +135,12 @@ def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, t
         for span in spans[:5]:
             where = Path(span["file"]).name + " " if several else ""
             where += f"p.{span['page']} " if span["page"] else ""
-            out.print(f"  {where}[{span['start']}:{span['end']}] {span['quote']}", highlight=False, markup=False)
+            out.print(
+                f"  {where}[{span['start']}:{span['end']}] {span['quote']}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
     s = answer.stats
     if not quiet:
         err.print(
