@@ -230,6 +230,9 @@ def speed(
     methods: str = typer.Option("full,gemfilter,homer,snapkv", help="Comma-separated methods (not rag)."),
     runs: int = typer.Option(3, help="Timed runs after one warm-up; medians are reported."),
     decode_tokens: int = typer.Option(32, help="Tokens decoded to measure decode speed."),
+    reference: bool = typer.Option(
+        True, help="Also time transformers' own forward and model.generate at each length (row 'transformers')."
+    ),
     top_k: int | None = typer.Option(None, help="Token budget of gemfilter, snapkv and streaming."),
     option: Options = None,
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (bf16 on CUDA, float32 on CPU)."),
@@ -261,10 +264,11 @@ def speed(
                 decode_tokens=decode_tokens,
                 device=resolve_device(device),
                 progress=lambda stage, done, total: bar.update(task, completed=done),
+                reference=reference,
             )
         series = {
             name: {r["length"]: r["ttft_seconds"] for r in records if r["method"] == name and "ttft_seconds" in r}
-            for name in names
+            for name in names + (["transformers"] if reference else [])
         }
         lines(out / "speed.png", f"time to first token, {shape} ({info['device']})", "tokens", "seconds", series, True)
         path = _write(out, "speed.json", dict(**info, records=records))

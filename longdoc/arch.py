@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import NAME as ATTENTION
 from .errors import LongDocError
 
 # model_type -> how the attention projects queries and keys.
@@ -117,8 +118,8 @@ class Arch:
         past = kv_len - q_len
         if q_len == 1:
             return None
-        if self.attn_implementation.startswith("flash"):
-            return None  # flash-attn aligns causality bottom-right, which is right with a cache
+        if self.attn_implementation.startswith("flash") or self.attn_implementation == ATTENTION:
+            return None  # flash-attn and longdoc_sdpa align causality bottom-right, which is right with a cache
         if past == 0 and self.attn_implementation == "sdpa":
             return None
         q_pos = torch.arange(q_len, device=device)[:, None] + past

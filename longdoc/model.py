@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import NAME as ATTENTION
 from .errors import LongDocError
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,12 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def pick_attention(device: str, requested: str | None = None) -> str:
-    """flash_attention_2 when flash-attn imports on a GPU, otherwise SDPA."""
+    """flash_attention_2 when flash-attn imports on a GPU, otherwise longdoc's mask-free SDPA (attention.py)."""
     if requested:
         return requested
     if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return ATTENTION
 
 
 def load_model(

@@ -66,7 +66,8 @@ def test_speed_on_a_tiny_shape(tmp_path):
     data = json.loads((tmp_path / "speed.json").read_text())
     assert data["shape"] == "tiny" and data["versions"]["torch"]
     by = {(r["method"], r["length"]): r for r in data["records"]}
-    assert len(by) == 10
+    assert len(by) == 12  # 5 methods and transformers' own forward, at 2 lengths
+    assert by[("transformers", 1024)]["tokens_kept"] == 1024
     assert by[("full", 1024)]["tokens_kept"] == 1024
     assert by[("gemfilter", 1024)]["tokens_kept"] == 8 + 64 + 24  # prefix + top_k + suffix
     assert by[("full", 256)]["ttft_seconds"] > 0 and by[("full", 256)]["decode_tokens_per_second"] > 0

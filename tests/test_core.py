@@ -192,3 +192,34 @@ def test_sliding_window_longer_than_input_is_refused(tmp_path):
     doc = load(path, "full")
     with pytest.raises(LongDocError, match="sliding-window attention"):
         doc.ask(CONTEXT, QUESTION, max_new_tokens=2)
+
+
+MASK_FREE_CASES = [
+    ("full", {"chunk_size": 37}),
+    ("gemfilter", {"top_k": 30}),
+    ("homer", {"max_chunk_len": 200, "warmup_layers": 0}),
+    ("snapkv", {"top_k": 30}),
+]
+
+
+@pytest.mark.parametrize("method, options", MASK_FREE_CASES)
+def test_mask_free_attention_matches_transformers_sdpa(tiny_model_dirs, family, method, options):
+    """longdoc_sdpa (the default) against transformers' own SDPA with explicit masks: same tokens, same logits."""
+    path = tiny_model_dirs[family]
+    ours = load(path, method, attn=None, **options)
+    assert ours.arch.attn_implementation == "longdoc_sdpa"
+    reference = load(path, method, attn="sdpa", **options)
+    ids, _, prefilled = greedy_ids(ours)
+    ids_ref, _, prefilled_ref = greedy_ids(reference)
+    assert ids == ids_ref
+    torch.testing.assert_close(prefilled.last_logits, prefilled_ref.last_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_filter_pass_changes_nothing(tiny_model_dirs, family):
+    """GemFilter's layer-by-layer, chunk-by-chunk filter pass selects what one whole pass selects."""
+    whole = load(tiny_model_dirs[family], "gemfilter", attn=None, top_k=30)
+    chunked = whole.with_method("gemfilter", top_k=30, chunk_size=17)
+    layout = whole.layout(CONTEXT, QUESTION)
+    a, b = whole.prefill(layout), chunked.prefill(layout)
+    assert a.kept_context.tolist() == b.kept_context.tolist()
+    torch.testing.assert_close(a.last_logits, b.last_logits, atol=1e-4, rtol=1e-4)

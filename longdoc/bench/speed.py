@@ -8,9 +8,11 @@ import time
 import torch
 
 from ..arch import Arch
+from ..attention import NAME as ATTENTION
 from ..errors import LongDocError
 from ..generate import GenerationConfig, generate_tokens
 from ..methods import make_method
+from ..methods.base import Timer
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
 from .shapes import random_model
@@ -40,11 +42,15 @@ def speed_records(
     decode_tokens: int = 32,
     device: str = "cuda",
     progress: ProgressHook = no_progress,
+    reference: bool = False,
 ) -> tuple[list[dict], dict]:
-    """One record per (length, method): medians of `runs` timed runs after one warm-up; OOM is recorded."""
+    """One record per (length, method): medians of `runs` timed runs after one warm-up; OOM is recorded.
+
+    With `reference`, each length also gets a "transformers" record: a plain forward and `model.generate`.
+    """
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = random_model(shape, dev, dtype, "sdpa")
+    model = random_model(shape, dev, dtype, ATTENTION)
     arch = Arch(model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     info = dict(shape=shape, device=_device_name(dev), dtype=str(dtype).removeprefix("torch."), weight_bytes=weights)
@@ -74,7 +80,50 @@ def speed_records(
             _free(dev)
             done += 1
             progress("speed", done, total)
+        if reference:
+            records.append(_transformers_reference(model, layout, runs, decode_tokens))
+            _free(dev)
     return records, info
+
+
+@torch.inference_mode()
+def _transformers_reference(model, layout: PromptLayout, runs: int, decode_tokens: int) -> dict:
+    """The yardstick: one plain `model(...)` forward with transformers' SDPA, and `model.generate`'s decode speed."""
+    device = next(model.parameters()).device
+    ids = layout.input_ids(device)
+    record = dict(method="transformers", length=ids.shape[1], options={"attn_implementation": "sdpa"})
+    model.set_attn_implementation("sdpa")
+    try:
+        times, peaks = [], []
+        for i in range(runs + 1):
+            _free(device)
+            with Timer(device) as timer:
+                model(ids, use_cache=True, logits_to_keep=1)
+            if i:
+                times.append(timer.seconds)
+                peaks.append(timer.peak_bytes or 0)
+        generate = {}
+        for new in (1, decode_tokens + 1):
+            _free(device)
+            _sync(device)
+            start = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0)  # fmt: skip
+            _sync(device)
+            generate[new] = time.perf_counter() - start
+        record.update(
+            oom=False,
+            tokens_kept=ids.shape[1],
+            ttft_seconds=statistics.median(times),
+            decode_tokens_per_second=decode_tokens / max(1e-9, generate[decode_tokens + 1] - generate[1]),
+            peak_bytes_over_weights=max(peaks) if device.type == "cuda" else None,
+            runs=runs,
+        )
+    except torch.OutOfMemoryError:
+        record.update(oom=True)
+    finally:
+        model.set_attn_implementation(ATTENTION)
+    return record
 
 
 def _one_run(arch: Arch, method, layout: PromptLayout, decode_tokens: int) -> dict:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import Arch
+from ..cache import KVCache
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
@@ -118,18 +119,29 @@ class GemFilterConfig:
     def token_scores(
         self, arch: Arch, input_ids: torch.Tensor, layer: int, progress: ProgressHook = no_progress
     ) -> torch.Tensor:
-        """Pooled selection score of every prompt token at `layer`, (n,) float32. Keeps no KV cache."""
+        """Pooled selection score of every prompt token at `layer`, (n,) float32.
+
+        Layer by layer, each in sequence chunks: only the hidden states, one layer's keys and values
+        and one chunk's activations are alive, and no n x n scores are ever formed.
+        """
         n = input_ids.shape[1]
         hidden = arch.embed(input_ids)
-        position_embeddings = arch.rotary(hidden, torch.arange(n, device=hidden.device)[None])
-        mask = arch.attention_mask(n, n, hidden.dtype, hidden.device)
+        cos, sin = arch.rotary(hidden, torch.arange(n, device=hidden.device)[None])
+        chunks = [(start, min(start + self.chunk_size, n)) for start in range(0, n, self.chunk_size)]
         for i in range(layer):
-            hidden = arch.run_layer(i, hidden, position_embeddings, None, mask)
+            cache = KVCache(arch.num_layers)  # this layer's keys and values only, dropped after it
+            for start, end in chunks:
+                mask = arch.attention_mask(end - start, end, hidden.dtype, hidden.device)
+                rows = (cos[:, start:end], sin[:, start:end])
+                hidden[:, start:end] = arch.run_layer(i, hidden[:, start:end], rows, cache, mask)
+            del cache
             progress("filter", i + 1, layer + 1)
         w = min(self.query_tokens, n)
-        cos, sin = position_embeddings
         queries = arch.queries(layer, hidden[:, n - w :], (cos[:, n - w :], sin[:, n - w :]))
-        keys = arch.keys(layer, hidden, position_embeddings)
+        keys = torch.cat(
+            [arch.keys(layer, hidden[:, start:end], (cos[:, start:end], sin[:, start:end])) for start, end in chunks],
+            dim=2,
+        )
         batch, heads, _, d = queries.shape
         kv_heads = keys.shape[1]
         if self.score == "logits":
