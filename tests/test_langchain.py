@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +25,9 @@ from needle_folder import BOOKS, MODEL, NEEDLE_GEMFILTER, NEEDLE_TEXT, QUESTION_
 
 PARAMS = {"model": str(MODEL), "method": "gemfilter", "method_options": NEEDLE_GEMFILTER, "device": "cpu"}
 # A second local model for the suites' per-call `model=` override: a tiny random Llama built here.
-OTHER_MODEL = str(build_model("llama", Path(tempfile.mkdtemp(prefix="longdoc-other-")) / "tiny-llama"))
+_OTHER_DIR = tempfile.mkdtemp(prefix="longdoc-other-")
+atexit.register(shutil.rmtree, _OTHER_DIR, ignore_errors=True)
+OTHER_MODEL = str(build_model("llama", Path(_OTHER_DIR) / "tiny-llama"))
 needs_books = pytest.mark.skipif(not BOOKS.is_dir(), reason="needs ../shared/corpus/books beside the checkout")
 
 

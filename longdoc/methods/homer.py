@@ -265,6 +265,9 @@ def merge(left: ChunkState, right: ChunkState) -> ChunkState:
         lk, lv = left.cache.layer(i)
         rk, rv = right.cache.layer(i)
         cache.set_layer(i, join(lk, rk, 2), join(lv, rv, 2))
+        for child in (left, right):  # free each child layer once joined: peak is one layer, not a whole copy
+            child.cache.keys[i] = child.cache.values[i] = None
+        del lk, lv, rk, rv
     positions = torch.cat(
         [
             left.positions[:, :p],
