@@ -56,7 +56,8 @@ def text_windows(tokenizer, texts: list[str], length: int, samples: int, seed: i
     rng = random.Random(seed)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     need = length - len(bos)
-    pools = [ids for ids in (tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts) if len(ids) >= need]
+    encoded = (tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"] for t in texts)
+    pools = [ids for ids in encoded if len(ids) >= need]
     if not pools:
         raise LongDocError(f"no text has {need} tokens; give a longer text or a smaller --length")
     windows = []

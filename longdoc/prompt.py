@@ -62,7 +62,8 @@ def build_layout(tokenizer, context: str, question: str, system: str | None = No
     prefix_ids = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
     if add_bos and tokenizer.bos_token_id is not None and prefix_ids[:1] != [tokenizer.bos_token_id]:
         prefix_ids = [tokenizer.bos_token_id] + prefix_ids
-    encoded = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)
+    # verbose=False: a document longer than the tokenizer's model_max_length is what longdoc is for, not an error.
+    encoded = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     suffix_ids = tokenizer(suffix_text, add_special_tokens=False)["input_ids"]
     return PromptLayout(
         prefix_ids=list(prefix_ids),

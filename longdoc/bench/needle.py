@@ -88,7 +88,9 @@ class Haystacks:
         start = rng.randrange(0, max(1, len(book) - chars))
         start = book.find(" ", start) + 1
         window = book[start : start + chars]
-        offsets = self.tokenizer(window, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        offsets = self.tokenizer(window, add_special_tokens=False, return_offsets_mapping=True, verbose=False)[
+            "offset_mapping"
+        ]
         if len(offsets) > tokens:
             window = window[: offsets[tokens][0]]
         cut = window.rfind(" ")
