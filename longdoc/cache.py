@@ -60,6 +60,15 @@ class KVCache:
             idx = index.to(keys.device)
             self.set_layer(i, keys.index_select(-2, idx), values.index_select(-2, idx))
 
+    def to(self, device: torch.device | str) -> KVCache:
+        """A copy with every filled layer (only its used length) on `device`."""
+        moved = KVCache(self.num_layers)
+        for i in range(self.num_layers):
+            if self.keys[i] is not None:
+                keys, values = self.layer(i)
+                moved.set_layer(i, keys.to(device), values.to(device))
+        return moved
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
 

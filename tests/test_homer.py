@@ -149,3 +149,14 @@ def test_calibration_bias_is_subtracted_per_layer_and_distance(deep_llama, tmp_p
     save_file({"bias": torch.zeros(3, 96)}, str(wrong))
     with pytest.raises(LongDocError, match="bias for 3 layers, this model has 8"):
         doc.with_method("homer", max_chunk_len=96, calibration=str(wrong)).prefill(layout)
+
+
+def test_parking_subtrees_in_host_memory_changes_nothing(deep_llama):
+    """offload=True moves finished left subtrees (8+ leaves) away and back; on CPU the path runs and must be exact."""
+    doc = load(deep_llama, "homer", max_chunk_len=64, warmup_layers=0, offload=False)
+    layout = doc.layout(CONTEXT * 3, QUESTION)
+    plain = doc.prefill(layout)
+    assert plain.details["chunks"] >= 16
+    parked = doc.with_method("homer", max_chunk_len=64, warmup_layers=0, offload=True).prefill(layout)
+    assert parked.kept_context.tolist() == plain.kept_context.tolist()
+    torch.testing.assert_close(parked.last_logits, plain.last_logits, rtol=0, atol=0)

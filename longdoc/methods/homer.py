@@ -34,6 +34,7 @@ from ..prompt import PromptLayout
 from .base import Prefilled, Timer, keep_index
 
 DEFAULT_CHUNK_CAP = 4096
+OFFLOAD_MIN_LEAVES = 8
 WARMUP_FRACTION = 0.375  # the reference's 12 warm-up layers of 32
 
 
@@ -52,6 +53,18 @@ class ChunkState:
     @property
     def context_len(self) -> int:
         return self.hidden.shape[1] - self.prefix_len - self.suffix_len
+
+    def to(self, device: torch.device | str) -> ChunkState:
+        """The same state with its tensors (hidden states, positions, every cached layer) on `device`."""
+        return ChunkState(
+            hidden=self.hidden.to(device),
+            positions=self.positions.to(device),
+            cache=self.cache.to(device),
+            prefix_len=self.prefix_len,
+            suffix_len=self.suffix_len,
+            context_index=self.context_index,
+            context_scores=self.context_scores,
+        )
 
     def keep(self, rows: torch.Tensor, scores: torch.Tensor) -> None:
         """Keep these context rows (ascending) and the whole prefix and suffix, in every layer run so far."""
@@ -88,6 +101,9 @@ class HomerConfig:
     # Positional calibration: a file from `longdoc calibrate`; None looks for longdoc-calibration.safetensors
     # in the model's folder; "off" never calibrates.
     calibration: str | None = None
+    # Park a finished left subtree of at least OFFLOAD_MIN_LEAVES leaves in host memory while its sibling
+    # subtree runs. None: on for CUDA. It moves few, large states, so memory stays flat to 1M tokens.
+    offload: bool | None = None
 
     name = "homer"
 
@@ -131,6 +147,7 @@ class HomerConfig:
         calibration = None if self.calibration == "off" else find_calibration(arch, self.calibration)
         bias = load_calibration(calibration, arch.num_layers).to(arch.device) if calibration else None
         run = _Run(arch, layout, schedule, chunk_len, num_chunks, eff // 2, target - p - s, progress, bias)
+        run.offload = self.offload if self.offload is not None else arch.device.type == "cuda"
         with Timer(arch.device) as timer:
             root = run.subtree(0, num_chunks, level=height)
             logits = arch.logits(arch.final_norm(root.hidden[:, -1:]))[:, -1]
@@ -172,6 +189,7 @@ class _Run:
         self.child_keep, self.root_keep = child_keep, root_keep
         self.progress = progress
         self.alive = self.max_alive = self.leaves_done = 0
+        self.offload = False
         self.ids = layout.input_ids(arch.device)[0]
 
     @torch.inference_mode()
@@ -182,7 +200,12 @@ class _Run:
         else:
             mid = (lo + hi) // 2
             left = self.subtree(lo, mid, level - 1)
+            parked = self.offload and left is not None and mid - lo >= OFFLOAD_MIN_LEAVES
+            if parked:
+                left = left.to("cpu")
             right = self.subtree(mid, hi, level - 1)
+            if parked:
+                left = left.to(self.arch.device)
             state = merge(left, right) if right is not None else left
             self.alive -= 1 if right is not None else 0
         if state is None:
