@@ -9,7 +9,6 @@ without the code that makes them; `longdoc calibrate` makes them for any model.
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 
@@ -19,16 +18,9 @@ from .arch import Arch
 from .cache import KVCache
 from .errors import LongDocError
 from .progress import ProgressHook, no_progress
+from .scores import last_token_logits
 
 FILE_NAME = "longdoc-calibration.safetensors"
-
-
-def last_token_logits(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Max over heads of the last token's logit q.k/sqrt(d): query (1, H, 1, d), keys (1, Hkv, n, d) -> (n,)."""
-    heads, kv_heads, d = query.shape[1], keys.shape[1], query.shape[-1]
-    grouped = query.float().view(1, kv_heads, heads // kv_heads, d)
-    logits = torch.einsum("bgrd,bgnd->bgrn", grouped, keys.float()) / math.sqrt(d)
-    return logits.flatten(1, 2).amax(1)[0]
 
 
 @torch.inference_mode()

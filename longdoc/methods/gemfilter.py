@@ -13,7 +13,6 @@ and the suffix (question, assistant header) are always kept, and `top_k` counts 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +23,7 @@ from ..cache import KVCache
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
+from ..scores import causal_window_probs
 from .base import Prefilled, Timer, reread_kept
 
 log = logging.getLogger(__name__)
@@ -142,18 +142,14 @@ class GemFilterConfig:
             [arch.keys(layer, hidden[:, start:end], (cos[:, start:end], sin[:, start:end])) for start, end in chunks],
             dim=2,
         )
-        batch, heads, _, d = queries.shape
-        kv_heads = keys.shape[1]
         if self.score == "logits":
+            batch, heads, _, d = queries.shape
+            kv_heads = keys.shape[1]
             # Sum the queries of each GQA group (and the w rows): sum_h q_h . k_g(h) = sum_g (sum_{h in g} q_h) . k_g
             grouped = queries.float().view(batch, kv_heads, heads // kv_heads * w, d).sum(2)
             scores = torch.einsum("bgd,bgnd->bn", grouped, keys.float())
         else:
-            logits = torch.einsum("bgqd,bgnd->bgqn", queries.float().view(batch, kv_heads, -1, d), keys.float())
-            row = torch.arange(w, device=logits.device).repeat(heads // kv_heads)  # query row of each (head, row)
-            future = torch.arange(n, device=logits.device)[None] > (n - w + row)[:, None]
-            logits = logits.masked_fill(future, float("-inf")) / math.sqrt(d)
-            scores = logits.softmax(-1).sum((1, 2))
+            scores = causal_window_probs(queries, keys).sum((1, 2, 3))
         pooled = F.avg_pool1d(scores[:, None], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
         progress("filter", layer + 1, layer + 1)
         return pooled[0, 0]

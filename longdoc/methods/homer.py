@@ -26,11 +26,11 @@ import torch
 from ..arch import Arch
 from ..cache import KVCache
 from ..calibration import find as find_calibration
-from ..calibration import last_token_logits
 from ..calibration import load as load_calibration
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
+from ..scores import last_token_logits
 from .base import Prefilled, Timer, keep_index
 
 DEFAULT_CHUNK_CAP = 4096

@@ -8,7 +8,6 @@ prefix, those keys and the window stay, at their original positions; decoding co
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from ..cache import KVCache
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
+from ..scores import causal_window_probs
 from .base import Prefilled, Timer, run_model
 
 
@@ -59,7 +59,8 @@ class SnapKVConfig:
                 queries = arch.queries(i, hidden, position_embeddings)
                 hidden = arch.run_layer(i, hidden, position_embeddings, cache, mask)
                 keys, values = cache.layer(i)
-                head_scores = window_attention(queries, keys, n - w)[:, :, p:]  # (1, kv_heads, n - w - p)
+                # The window's attention summed over its rows, averaged over each KV head's query heads.
+                head_scores = causal_window_probs(queries, keys).sum(3).mean(2)[..., p : n - w]  # (1, Hkv, n - w - p)
                 pooled = F.avg_pool1d(head_scores[0], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
                 k = min(self.top_k, pooled.shape[-1])
                 chosen = pooled.topk(k, dim=-1).indices.sort(-1).values + p  # (kv_heads, k)
@@ -96,18 +97,3 @@ class SnapKVConfig:
             prefill_seconds=timer.seconds,
             peak_memory_bytes=timer.peak_bytes,
         )
-
-
-def window_attention(queries: torch.Tensor, keys: torch.Tensor, first: int) -> torch.Tensor:
-    """Softmax attention of the window's queries (at positions first..) over all keys, causal.
-
-    queries (1, heads, w, d), keys (1, kv_heads, n, d) -> (1, kv_heads, first) summed over the
-    window and averaged over the query heads that share each KV head.
-    """
-    batch, heads, w, d = queries.shape
-    kv_heads, n = keys.shape[1], keys.shape[2]
-    grouped = queries.float().view(batch, kv_heads, heads // kv_heads, w, d)
-    logits = torch.einsum("bgrqd,bgnd->bgrqn", grouped, keys.float()) / math.sqrt(d)
-    future = torch.arange(n, device=keys.device)[None] > (first + torch.arange(w, device=keys.device))[:, None]
-    probs = logits.masked_fill(future, float("-inf")).softmax(-1)
-    return probs.sum(3).mean(2)[..., :first]
