@@ -181,7 +181,7 @@ def _calibrate(model, texts, books, samples, length, out, device, quiet) -> None
     from longdoc import LongDoc
     from longdoc.bench.needle import strip_gutenberg
     from longdoc.calibration import FILE_NAME, measure, save, text_windows
-    from longdoc.methods.homer import DEFAULT_CHUNK_CAP
+    from longdoc.methods.homer import default_chunk_len
 
     if out is None:
         if not Path(model).is_dir():
@@ -194,8 +194,7 @@ def _calibrate(model, texts, books, samples, length, out, device, quiet) -> None
         if not path.is_file():
             raise LongDocError(f"file not found: {path}")
     doc = LongDoc.from_pretrained(model, method="full", device=device)
-    window = doc.arch.trained_window
-    length = length or (min(window // 2, DEFAULT_CHUNK_CAP) if window else DEFAULT_CHUNK_CAP)
+    length = length or default_chunk_len(doc.arch)
     corpus = [strip_gutenberg(p.read_text(encoding="utf-8", errors="replace")) for p in paths]
     windows = text_windows(doc.tokenizer, corpus, length, samples)
     with progress_bar(quiet) as bar:

@@ -29,6 +29,13 @@ class Prefilled:
     peak_memory_bytes: int | None = None
 
 
+def strongest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores in ascending (document) order; all of them when k covers the length."""
+    if k >= scores.shape[-1]:
+        return torch.arange(scores.shape[-1], device=scores.device)
+    return scores.topk(k).indices.sort().values
+
+
 def keep_index(prefix_len: int, context_len: int, total: int, rows: torch.Tensor) -> torch.Tensor:
     """Row indices of the whole prefix, the kept context `rows` (ascending) and the whole suffix."""
     device = rows.device

@@ -24,7 +24,7 @@ from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
 from ..scores import causal_window_probs
-from .base import Prefilled, Timer, reread_kept
+from .base import Prefilled, Timer, reread_kept, strongest
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,7 @@ class GemFilterConfig:
             scores = self.token_scores(arch, layout.input_ids(arch.device), layer, progress)
             p, c = layout.prefix_len, layout.context_len
             context_scores = scores[p : p + c]
-            if self.top_k >= c:
-                kept_context = torch.arange(c, device=scores.device)
-            else:
-                kept_context = context_scores.topk(self.top_k).indices.sort().values
+            kept_context = strongest(context_scores, self.top_k)
             cache, m, logits = reread_kept(arch, layout, kept_context, self.chunk_size, progress)
         log.info("gemfilter: %s; kept %d of %d tokens", why, m, n)
         return Prefilled(

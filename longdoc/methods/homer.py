@@ -31,7 +31,7 @@ from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
 from ..scores import last_token_logits
-from .base import Prefilled, Timer, keep_index
+from .base import Prefilled, Timer, keep_index, strongest
 
 DEFAULT_CHUNK_CAP = 4096
 OFFLOAD_MIN_LEAVES = 8
@@ -94,6 +94,12 @@ def layer_schedule(num_layers: int, warmup: int, height: int) -> list[range]:
     return [range(0, first)] + [range(first + i * per_level, first + (i + 1) * per_level) for i in range(height)]
 
 
+def default_chunk_len(arch: Arch) -> int:
+    """Half the trained window, as the reference, capped at DEFAULT_CHUNK_CAP (the cap when the window is unknown)."""
+    window = arch.trained_window
+    return min(window // 2, DEFAULT_CHUNK_CAP) if window else DEFAULT_CHUNK_CAP
+
+
 @dataclass(frozen=True)
 class HomerConfig:
     max_chunk_len: int | None = None  # tokens per chunk incl. prefix and suffix; default min(window/2, 4096)
@@ -120,7 +126,7 @@ class HomerConfig:
     def resolve(self, arch: Arch, layout: PromptLayout) -> tuple[int, int, int]:
         """(max_chunk_len, target_len, warmup) for this model and prompt, checked."""
         window = arch.trained_window  # 0 when the config does not say
-        chunk = self.max_chunk_len or (min(window // 2, DEFAULT_CHUNK_CAP) if window else DEFAULT_CHUNK_CAP)
+        chunk = self.max_chunk_len or default_chunk_len(arch)
         target = self.target_len or chunk
         warmup = self.warmup_layers if self.warmup_layers is not None else round(WARMUP_FRACTION * arch.num_layers)
         fixed = layout.prefix_len + layout.suffix_len
@@ -148,9 +154,9 @@ class HomerConfig:
         arch.check_span(chunk_len_max)
         calibration = None if self.calibration == "off" else find_calibration(arch, self.calibration)
         bias = load_calibration(calibration, arch.num_layers).to(arch.device) if calibration else None
-        run = _Run(arch, layout, schedule, chunk_len, num_chunks, eff // 2, target - p - s, progress, bias)
         auto = arch.device.type == "cuda" and num_chunks > AUTO_OFFLOAD_CHUNKS
-        run.offload = self.offload if self.offload is not None else auto
+        offload = self.offload if self.offload is not None else auto
+        run = _Run(arch, layout, schedule, chunk_len, num_chunks, eff // 2, target - p - s, progress, bias, offload)
         with Timer(arch.device) as timer:
             root = run.subtree(0, num_chunks, level=height)
             logits = arch.logits(arch.final_norm(root.hidden[:, -1:]))[:, -1]
@@ -186,14 +192,14 @@ class HomerConfig:
 class _Run:
     """One HOMER prefill: builds leaves, runs blocks, prunes and merges, depth first."""
 
-    def __init__(self, arch, layout, schedule, chunk_len, num_chunks, child_keep, root_keep, progress, bias=None):
+    def __init__(self, arch, layout, schedule, chunk_len, num_chunks, child_keep, root_keep, progress, bias, offload):
         self.arch, self.layout, self.schedule = arch, layout, schedule
         self.bias = bias  # (layers, distances) mean score to subtract, or None
+        self.offload = offload  # park finished left subtrees of OFFLOAD_MIN_LEAVES+ leaves in host memory
         self.chunk_len, self.num_chunks = chunk_len, num_chunks
         self.child_keep, self.root_keep = child_keep, root_keep
         self.progress = progress
         self.alive = self.max_alive = self.leaves_done = 0
-        self.offload = False
         self.ids = layout.input_ids(arch.device)[0]
 
     @torch.inference_mode()
@@ -253,11 +259,7 @@ class _Run:
             self.progress("homer", self.leaves_done, self.num_chunks)
         scores = self.scores(state, layers[-1], layer_input, position_embeddings)
         context_scores = scores[state.prefix_len : state.prefix_len + state.context_len]
-        if state.context_len > keep:
-            rows = context_scores.topk(keep).indices.sort().values
-        else:
-            rows = torch.arange(state.context_len, device=scores.device)
-        state.keep(rows, context_scores)
+        state.keep(strongest(context_scores, keep), context_scores)
 
     def scores(self, state: ChunkState, layer: int, layer_input, position_embeddings) -> torch.Tensor:
         """Max over heads of the last token's attention logit q.k/sqrt(d) to every token, (n,) float32.

@@ -19,7 +19,7 @@ from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
 from ..scores import causal_window_probs
-from .base import Prefilled, Timer, run_model
+from .base import Prefilled, Timer, run_model, strongest
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,7 @@ class SnapKVConfig:
                 cache.set_layer(i, keys.gather(2, gather), values.gather(2, gather))
         # Evidence: the context tokens with the most votes over layers and heads.
         context_votes = votes[: layout.context_len]
-        k = min(self.top_k, context_votes.numel())
-        kept_context = context_votes.topk(k).indices.sort().values if k else context_votes.new_zeros(0).long()
+        kept_context = strongest(context_votes, self.top_k)
         m = cache.seq_length()
         return Prefilled(
             cache=cache,
