@@ -121,9 +121,7 @@ def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, t
                 sys.stdout.flush()
         else:
             answer = piece
-    spans = []
-    for e in answer.evidence:
-        spans.append({**asdict(document.locate(e.start, e.end, e.peak)), "score": round(e.score, 4)})
+    spans = [{**span, "score": round(span["score"], 4)} for span in document.locate_evidence(answer.evidence)]
     if as_json:
         print(json.dumps({"answer": answer.text, "evidence": spans, "stats": asdict(answer.stats)}, indent=2))
         return

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from functools import lru_cache
 
 from longdoc import LongDoc
-from longdoc.documents import Document
 
 LONG_CONTEXT = 1 << 20  # homer and rag read past the trained window; memory, not positions, is the limit
 
@@ -34,8 +32,3 @@ def generation_options(max_new_tokens: int, temperature: float, stop: list[str] 
     if stop:
         options["stop"] = list(stop)
     return options
-
-
-def located_evidence(document: Document, evidence) -> list[dict]:
-    """Evidence spans as {file, page, start, end, quote, score}, strongest first."""
-    return [{**asdict(document.locate(e.start, e.end, e.peak)), "score": e.score} for e in evidence]

@@ -38,7 +38,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from longdoc import Answer, LongDoc
 from longdoc.documents import from_parts
 
-from .common import generation_options, load_engine, located_evidence
+from .common import generation_options, load_engine
 from .messages import split_messages, split_prompt
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -258,7 +258,7 @@ class LongDocQA(RunnableSerializable[dict, dict]):
                     source=span["file"], page=span["page"], start=span["start"], end=span["end"], score=span["score"]
                 ),
             )
-            for span in located_evidence(document, answer.evidence)
+            for span in document.locate_evidence(answer.evidence)
         ]
         return {"answer": answer.text, "evidence": evidence}
 

@@ -36,7 +36,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from longdoc import Answer, LongDoc
 from longdoc.documents import Document, from_parts
 
-from .common import context_window, generation_options, load_engine, located_evidence
+from .common import context_window, generation_options, load_engine
 from .messages import split_messages, split_prompt
 
 
@@ -163,7 +163,7 @@ class LongDocQueryEngine(CustomQueryEngine):
                 node=TextNode(text=span["quote"], metadata={k: span[k] for k in ("file", "page", "start", "end")}),
                 score=span["score"],
             )
-            for span in located_evidence(self.document, evidence)
+            for span in self.document.locate_evidence(evidence)
         ]
 
 

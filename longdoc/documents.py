@@ -10,7 +10,7 @@ from __future__ import annotations
 import codecs
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import LongDocError
@@ -89,6 +89,10 @@ class Document:
                 quote = quote_of(self.text, start, end)
                 return Located(span.source, self.page_at(at), start - span.start, end - span.start, quote)
         return Located(self.source, self.page_at(at), start, end, quote_of(self.text, start, end))
+
+    def locate_evidence(self, evidence) -> list[dict]:
+        """Evidence spans (strongest first) as {file, page, start, end, quote, score}, each placed by `locate`."""
+        return [{**asdict(self.locate(e.start, e.end, e.peak)), "score": e.score} for e in evidence]
 
 
 @dataclass(frozen=True)
