@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from longdoc.attention import chunk_after_cache, cudnn_attention_with_lse
+
 
 def timed(fn, repeat: int = 5) -> float:
     fn()
@@ -45,6 +47,11 @@ def main() -> None:
         "no mask, repeated kv (upper bound)": lambda: F.scaled_dot_product_attention(q, k_rep, v_rep),
         "no mask + gqa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
     }
+    join = {  # what longdoc_sdpa runs on CUDA: cached keys + own causal square through cuDNN, joined by lse
+        "cached + own, cuDNN joined (longdoc_sdpa)": lambda: chunk_after_cache(
+            q, k, v, 128**-0.5, cudnn_attention_with_lse
+        )
+    }
     results = {}
     for name, fn in cases.items():
         for backend in (None, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
@@ -59,6 +66,12 @@ def main() -> None:
             except RuntimeError as exc:
                 results[label] = f"unavailable: {str(exc).splitlines()[0][:80]}"
             print(f"{label}: {results[label]}", flush=True)
+    for name, fn in join.items():
+        results[name] = round(timed(fn) * 1000, 2)
+        print(f"{name}: {results[name]}", flush=True)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True).float()
+    got = join["cached + own, cuDNN joined (longdoc_sdpa)"]().float()
+    results["joined vs lower_right max abs diff"] = (got - want).abs().max().item()
     print(json.dumps(dict(q=args.q, kv=args.kv, torch=torch.__version__, ms=results), indent=1))
 
 

@@ -5,11 +5,12 @@ One command on one GPU (about 10 minutes on an H100), fixed seeds:
     python scripts/train_needle_model.py --books ../shared/corpus/books --out examples/models/needle-tiny
 
 Steps: (1) a byte-level BPE tokenizer (digits split one per token) trained on the training books,
-with a chat template, saved in Hugging Face format; (2) training on RULER-style needle tasks
-built through longdoc's own prompt layout, with a curriculum over length that advances on
-measured accuracy, 1-4 needles (distractors) from the first step, the pass-key task, and a light
-language-modelling loss on the haystack text; (3) bf16 safetensors weights; (4) an evaluation on
-haystacks cut from the held-out books with longdoc's `full` method.
+with a chat template, saved in Hugging Face format; (2) training on RULER-style needle tasks built
+through longdoc's own prompt layout: a curriculum over length that advances on measured accuracy,
+1-6 needles (distractors) from the first step, each other needle asked about in a follow-up turn
+after the evaluated first answer, the pass-key task, and a light language-modelling loss on the
+haystack text; every example fits the window whole; (3) bf16 safetensors weights. Evaluate with
+scripts/eval_needle_model.py.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from longdoc.bench.needle import Haystacks, load_books  # noqa: E402
+from longdoc.bench.needle import ANSWER, NEEDLE, QUESTION, Haystacks, load_books  # noqa: E402
 from longdoc.prompt import build_layout  # noqa: E402
 
 CHAT_TEMPLATE = (
@@ -37,11 +40,14 @@ CHAT_TEMPLATE = (
 )
 SPECIAL = ["<pad>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 WINDOW = 4096
-STAGES = [256, 512, 1024, 2048, 4096]  # curriculum over haystack length (tokens)
+# Curriculum over haystack length (tokens). The last stops short of the window: the prompt's template,
+# the answer and a follow-up turn per other needle (about 30 tokens each) must fit in it.
+STAGES = [256, 512, 1024, 2048, WINDOW - 256]
 # Length advances on single-needle and pass-key accuracy (copying). Matching the asked key among
 # distractors keeps training at every length: gating on it stalled two runs at 256 tokens (all samples
 # 83 % and 72 % for 6000 steps, with 1-4 and 1-8 needles).
 ADVANCE_AT = 0.9
+NEEDLE_PATTERN = re.compile(re.escape(NEEDLE).replace(r"\{key\}", r"(\w+)").replace(r"\{value\}", r"(\d+)"))
 
 
 def train_tokenizer(books: dict[str, str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -64,16 +70,47 @@ def train_tokenizer(books: dict[str, str], vocab_size: int) -> PreTrainedTokeniz
     )
 
 
-def make_example(hay: Haystacks, tokenizer, rng: random.Random, length: int) -> tuple[list[int], int, int, bool]:
-    """Token ids of one prompt + answer; returns (ids, context_start, answer_start, single needle)."""
+def follow_up_ids(tokenizer, question: str) -> list[int]:
+    """Token ids of one more user turn and the assistant header, after an answer that ended with <|end|>."""
+    message = [{"role": "user", "content": question}]
+    turn = tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+    return tokenizer("\n" + turn.removeprefix(tokenizer.bos_token), add_special_tokens=False)["input_ids"]
+
+
+def make_example(hay: Haystacks, tokenizer, rng: random.Random, length: int) -> Example:
+    """One prompt in longdoc's layout and its answer, then a follow-up turn asking about each other needle.
+
+    The first answer is the evaluated one; the follow-ups give every needle's key-matching signal
+    from one haystack (matching the asked key among distractors is the hard part to learn).
+    """
     passkey = rng.random() < 0.15
-    # Many samples with distractors: matching the asked key among them is the hard part to learn.
-    needles = rng.choice((1, 1, 2, 3, 4, 4, 6))
+    needles = rng.choice((1, 2, 3, 4, 4, 5, 6))
     sample = hay.sample(rng, length, needles=needles, passkey=passkey)
     layout = build_layout(tokenizer, sample.context, sample.question)
-    answer = tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    prompt = layout.prefix_ids + layout.context_ids + layout.suffix_ids
-    return prompt + answer, layout.prefix_len, len(prompt), passkey or needles == 1
+    ids = layout.prefix_ids + layout.context_ids + layout.suffix_ids
+    answers = []
+
+    def add_answer(text: str) -> None:
+        answer = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answers.append((len(ids), len(ids) + len(answer)))
+        ids.extend(answer)
+
+    add_answer(sample.answer)
+    if not passkey:
+        others = [i for i in range(needles) if i != sample.target]
+        rng.shuffle(others)
+        for i in others:
+            key, value = NEEDLE_PATTERN.fullmatch(sample.context[slice(*sample.needle_spans[i])]).groups()
+            ids.extend(follow_up_ids(tokenizer, QUESTION.format(key=key)))
+            add_answer(ANSWER.format(value=value))
+    return Example(ids, layout.prefix_len, answers, passkey or needles == 1)
+
+
+class Example(NamedTuple):
+    ids: list[int]
+    context_start: int
+    answers: list[tuple[int, int]]  # token spans of each answer (with <|end|>); the first is the evaluated one
+    single: bool  # one needle or the pass key: copying, no key matching
 
 
 class Batches(torch.utils.data.IterableDataset):
@@ -94,19 +131,22 @@ class Batches(torch.utils.data.IterableDataset):
             rows = []
             for _ in range(size):
                 # Mostly the stage's length, some shorter so earlier lengths are not forgotten.
-                length = top if rng.random() < 0.6 else rng.randint(64, top)
+                length = top if rng.random() < 0.5 else rng.randint(64, top)
                 rows.append(make_example(hay, self.tokenizer, rng, length))
-            width = min(WINDOW, max(len(row[0]) for row in rows))
+            width = max(len(row.ids) for row in rows)
+            if width > WINDOW:  # the haystack lengths leave room for every turn: a cut answer would teach nothing
+                raise RuntimeError(f"an example of {width} tokens does not fit the {WINDOW}-token window")
             ids = torch.zeros(size, width, dtype=torch.long)
             weight = torch.zeros(size, width)
             answer = torch.zeros(size, width, dtype=torch.bool)
-            single = torch.tensor([row[3] for row in rows])
-            for i, (row, c0, a0, _) in enumerate(rows):
-                row = row[:width]
-                ids[i, : len(row)] = torch.tensor(row)
-                weight[i, c0 : a0 - 1] = 0.1  # light LM loss on the text
-                weight[i, a0 - 1 : len(row) - 1] = 1.0  # the answer (targets shifted by one)
-                answer[i, a0 - 1 : len(row) - 1] = True
+            single = torch.tensor([row.single for row in rows])
+            for i, row in enumerate(rows):
+                ids[i, : len(row.ids)] = torch.tensor(row.ids)
+                weight[i, row.context_start : len(row.ids) - 1] = 0.1  # light LM loss on the text and questions
+                for start, end in row.answers:
+                    weight[i, start - 1 : end - 1] = 1.0  # the answers (targets shifted by one)
+                start, end = row.answers[0]
+                answer[i, start - 1 : end - 1] = True
             yield ids, weight, answer, single, stage
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AutoModelForCausalLM
 
 from longdoc import LongDoc, LongDocError
+from longdoc.attention import chunk_after_cache, math_attention_with_lse
 from longdoc.generate import GenerationConfig, generate_tokens, step
 
 CONTEXT = (
@@ -213,6 +215,20 @@ def test_mask_free_attention_matches_transformers_sdpa(tiny_model_dirs, family, 
     ids_ref, _, prefilled_ref = greedy_ids(reference)
     assert ids == ids_ref
     torch.testing.assert_close(prefilled.last_logits, prefilled_ref.last_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("heads, kv_heads, q, kv", [(8, 2, 16, 50), (4, 4, 1, 9), (6, 3, 33, 34), (4, 1, 64, 640)])
+def test_chunk_after_cache_join_equals_bottom_right_causal_attention(heads, kv_heads, q, kv):
+    """Cached keys unmasked + own keys causal, joined by log-sum-exp == one bottom-right causal softmax."""
+    gen = torch.Generator().manual_seed(q * kv)
+    query = torch.randn(1, heads, q, 32, generator=gen, dtype=torch.float64)
+    key = torch.randn(1, kv_heads, kv, 32, generator=gen, dtype=torch.float64)
+    value = torch.randn(1, kv_heads, kv, 32, generator=gen, dtype=torch.float64)
+    want = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=causal_lower_right(q, kv), enable_gqa=heads != kv_heads
+    )
+    got = chunk_after_cache(query, key, value, 32**-0.5, math_attention_with_lse)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
 def test_chunked_filter_pass_changes_nothing(tiny_model_dirs, family):
