@@ -55,7 +55,10 @@ def test_cudnn_join_runs_and_matches_the_math(heads, kv_heads, head_dim, q, kv):
     torch.testing.assert_close(got.double(), want, atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("method, options", [("full", {"chunk_size": 37}), ("gemfilter", {"top_k": 30, "chunk_size": 37})])
+BF16_CASES = [("full", {"chunk_size": 37}), ("gemfilter", {"top_k": 30, "chunk_size": 37})]
+
+
+@pytest.mark.parametrize("method, options", BF16_CASES)
 def test_bf16_cuda_attention_is_as_accurate_as_transformers_sdpa(tiny_model_dirs, family, method, options):
     """bf16 on CUDA (the cuDNN-joined path) errs from the float32 result no more than transformers' masked SDPA does."""
     path = str(tiny_model_dirs[family])
