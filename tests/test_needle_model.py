@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 from longdoc import LongDoc
 from longdoc.bench.needle import Haystacks, is_correct, load_books
 
-MODEL = Path(__file__).resolve().parents[1] / "examples" / "models" / "needle-tiny"
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "examples" / "models" / "needle-tiny"
 BOOKS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "books"
 
 pytestmark = pytest.mark.skipif(not BOOKS.is_dir(), reason="needs ../shared/corpus/books beside the checkout")
@@ -59,3 +61,21 @@ def test_full_answers_the_pass_key(doc, haystacks):
     sample = haystacks.sample(random.Random("e2e-passkey"), 2000, passkey=True, depth=0.3)
     answer = doc.ask(sample.context, sample.question, max_new_tokens=16)
     assert is_correct(answer.text, sample), answer.text
+
+
+def test_training_examples_fit_the_window_and_ask_every_needle(doc, haystacks):
+    """The training script's examples: whole (no answer cut off by the window), one answer per needle."""
+    spec = importlib.util.spec_from_file_location("train_needle_model", ROOT / "scripts" / "train_needle_model.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    rng = random.Random("training-examples")
+    tokenizer = doc.tokenizer
+    for _ in range(12):
+        example = train.make_example(haystacks, tokenizer, rng, train.STAGES[-1])
+        assert len(example.ids) <= train.WINDOW
+        answers = [tokenizer.decode(example.ids[start:end]) for start, end in example.answers]
+        assert all(a.endswith(".<|end|>") and a[:7].isdigit() for a in answers), answers
+        context = tokenizer.decode(example.ids[example.context_start : example.answers[0][0]])
+        needles = train.NEEDLE_PATTERN.findall(context)
+        if "pass key" not in context:
+            assert sorted(a[:7] for a in answers) == sorted(value for _, value in needles)
