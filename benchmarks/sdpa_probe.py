@@ -47,11 +47,12 @@ def main() -> None:
         "no mask, repeated kv (upper bound)": lambda: F.scaled_dot_product_attention(q, k_rep, v_rep),
         "no mask + gqa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
     }
-    join = {  # what longdoc_sdpa runs on CUDA: cached keys + own causal square through cuDNN, joined by lse
-        "cached + own, cuDNN joined (longdoc_sdpa)": lambda: chunk_after_cache(
-            q, k, v, 128**-0.5, cudnn_attention_with_lse
-        )
-    }
+    # What longdoc_sdpa runs on CUDA: cached keys + own causal square through cuDNN, joined by lse.
+    joined_label = "cached + own, cuDNN joined (longdoc_sdpa)"
+
+    def joined():
+        return chunk_after_cache(q, k, v, 128**-0.5, cudnn_attention_with_lse)
+
     results = {}
     for name, fn in cases.items():
         for backend in (None, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
@@ -66,11 +67,10 @@ def main() -> None:
             except RuntimeError as exc:
                 results[label] = f"unavailable: {str(exc).splitlines()[0][:80]}"
             print(f"{label}: {results[label]}", flush=True)
-    for name, fn in join.items():
-        results[name] = round(timed(fn) * 1000, 2)
-        print(f"{name}: {results[name]}", flush=True)
+    results[joined_label] = round(timed(joined) * 1000, 2)
+    print(f"{joined_label}: {results[joined_label]}", flush=True)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True).float()
-    got = join["cached + own, cuDNN joined (longdoc_sdpa)"]().float()
+    got = joined().float()
     results["joined vs lower_right max abs diff"] = (got - want).abs().max().item()
     print(json.dumps(dict(q=args.q, kv=args.kv, torch=torch.__version__, ms=results), indent=1))
 

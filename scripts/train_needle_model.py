@@ -7,7 +7,7 @@ One command on one GPU (about 10 minutes on an H100), fixed seeds:
 Steps: (1) a byte-level BPE tokenizer (digits split one per token) trained on the training books,
 with a chat template, saved in Hugging Face format; (2) training on RULER-style needle tasks built
 through longdoc's own prompt layout: a curriculum over length that advances on measured accuracy,
-1-6 needles (distractors) from the first step, each other needle asked about in a follow-up turn
+1-8 needles (distractors) from the first step, each other needle asked about in a follow-up turn
 after the evaluated first answer, the pass-key task, and a light language-modelling loss on the
 haystack text; every example fits the window whole; (3) bf16 safetensors weights. Evaluate with
 scripts/eval_needle_model.py.
@@ -70,6 +70,13 @@ def train_tokenizer(books: dict[str, str], vocab_size: int) -> PreTrainedTokeniz
     )
 
 
+class Example(NamedTuple):
+    ids: list[int]
+    context_start: int
+    answers: list[tuple[int, int]]  # token spans of each answer (with <|end|>); the first is the evaluated one
+    single: bool  # one needle or the pass key: copying, no key matching
+
+
 def follow_up_ids(tokenizer, question: str) -> list[int]:
     """Token ids of one more user turn and the assistant header, after an answer that ended with <|end|>."""
     message = [{"role": "user", "content": question}]
@@ -104,13 +111,6 @@ def make_example(hay: Haystacks, tokenizer, rng: random.Random, length: int) -> 
             ids.extend(follow_up_ids(tokenizer, QUESTION.format(key=key)))
             add_answer(ANSWER.format(value=value))
     return Example(ids, layout.prefix_len, answers, passkey or needles == 1)
-
-
-class Example(NamedTuple):
-    ids: list[int]
-    context_start: int
-    answers: list[tuple[int, int]]  # token spans of each answer (with <|end|>); the first is the evaluated one
-    single: bool  # one needle or the pass key: copying, no key matching
 
 
 class Batches(torch.utils.data.IterableDataset):
