@@ -19,7 +19,7 @@ homer-long)
 needle)
     longdoc bench needle --model examples/models/needle-tiny --books "${BOOKS:-.data/books}" \
         --methods full,gemfilter,homer,snapkv,streaming,rag --lengths 1k,2k,4k,8k,16k --depths 0,0.25,0.5,0.75,1 \
-        --samples 6 --top-k 256 -o gemfilter.filter_layer=1 -o gemfilter.score=softmax -o gemfilter.pool_kernel=41 \
+        --samples 6 --top-k 256 -o gemfilter.filter_layer=7 -o gemfilter.score=softmax -o gemfilter.pool_kernel=41 -o gemfilter.query_tokens=16 \
         --out "$out/needle" -q
     ;;
 eval)

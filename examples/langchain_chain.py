@@ -21,7 +21,7 @@ from needle_folder import MODEL, NEEDLE_GEMFILTER, QUESTION_TEXT, write_folder  
 
 
 def main() -> tuple[str, dict]:
-    chat = ChatLongDoc(model=str(MODEL), method="gemfilter", method_options=NEEDLE_GEMFILTER, max_tokens=16)
+    chat = ChatLongDoc(model=str(MODEL), method="gemfilter", method_options=NEEDLE_GEMFILTER, max_tokens=32)
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_folder(Path(tmp) / "docs", chat._engine({})[0].tokenizer)
         documents = [

@@ -22,7 +22,7 @@ from needle_folder import MODEL, NEEDLE_GEMFILTER, QUESTION_TEXT, write_folder  
 
 def main(folder: Path | None = None) -> object:
     engine = LongDoc.from_pretrained(str(MODEL), method="gemfilter", device="cpu", **NEEDLE_GEMFILTER)
-    llm = LongDocLLM(engine=engine, model=str(MODEL), max_new_tokens=16)
+    llm = LongDocLLM(engine=engine, model=str(MODEL), max_new_tokens=32)
     with tempfile.TemporaryDirectory() as tmp:
         folder = folder or write_folder(Path(tmp) / "docs", engine.tokenizer)
         documents = SimpleDirectoryReader(str(folder)).load_data()

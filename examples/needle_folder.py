@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "models" / "needle-tiny"
 BOOKS = ROOT.parent / "shared" / "corpus" / "books"
 # GemFilter settings for the bundled needle model (see its model card).
-NEEDLE_GEMFILTER = dict(top_k=256, filter_layer=1, score="softmax", pool_kernel=41)
+NEEDLE_GEMFILTER = dict(top_k=256, filter_layer=7, score="softmax", pool_kernel=41, query_tokens=16)
 KEY, VALUE = "lantern", "4071936"
 QUESTION_TEXT = QUESTION.format(key=KEY)
 NEEDLE_TEXT = NEEDLE.format(key=KEY, value=VALUE)

@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--sweep-samples", type=int, default=50)
     parser.add_argument("--lengths", default="1024,2048,3500")
     parser.add_argument("--top-k", type=int, default=256)
+    parser.add_argument("--query-tokens", type=int, default=16, help="GemFilter scores with the last N queries")
     parser.add_argument("--methods", default="full,gemfilter")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None)
@@ -63,8 +64,8 @@ def main() -> None:
             run("full", doc, length, 4, args.samples)
             run("full", doc, length, 1, args.samples, passkey=True)
     if "gemfilter" in methods:
-        # Softmax scores and a 41-token pool: the model card says why (a few retrieval heads, whole needle kept).
-        options = dict(top_k=args.top_k, score="softmax", pool_kernel=41)
+        # Softmax scores, a 41-token pool and the question's last 16 queries: the model card says why.
+        options = dict(top_k=args.top_k, score="softmax", pool_kernel=41, query_tokens=args.query_tokens)
         sweep = {}
         for layer in range(doc.arch.num_layers):
             gem = doc.with_method("gemfilter", filter_layer=layer, **options)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,9 @@ from longdoc import LongDoc
 from longdoc.bench.needle import Haystacks, is_correct, load_books
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+from needle_folder import NEEDLE_GEMFILTER  # noqa: E402  (the model card's GemFilter settings)
+
 MODEL = ROOT / "examples" / "models" / "needle-tiny"
 BOOKS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "books"
 
@@ -37,20 +42,15 @@ def test_model_loads_offline_as_a_llama(doc):
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_full_answers_a_3k_haystack(doc, haystacks, depth):
     sample = haystacks.sample(random.Random(f"e2e-{depth}"), 3000, needles=1, depth=depth)
-    answer = doc.ask(sample.context, sample.question, max_new_tokens=24)
+    answer = doc.ask(sample.context, sample.question, max_new_tokens=32)
     assert answer.stats.tokens_in > 2900
     assert is_correct(answer.text, sample), (answer.text, sample.value)
-
-
-# The model card's GemFilter settings: layer 1 holds the retrieval heads; softmax scores keep a few
-# heads from being swamped by others' large logits; a 41-token pool keeps the whole needle sentence.
-NEEDLE_GEMFILTER = dict(top_k=256, filter_layer=1, score="softmax", pool_kernel=41)
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_gemfilter_answers_a_3k_haystack_from_256_tokens(doc, haystacks, depth):
     sample = haystacks.sample(random.Random(f"e2e-{depth}"), 3000, needles=1, depth=depth)
-    answer = doc.with_method("gemfilter", **NEEDLE_GEMFILTER).ask(sample.context, sample.question, max_new_tokens=12)
+    answer = doc.with_method("gemfilter", **NEEDLE_GEMFILTER).ask(sample.context, sample.question, max_new_tokens=32)
     assert answer.stats.tokens_kept < 400 < 2900 < answer.stats.tokens_in
     assert is_correct(answer.text, sample), (answer.text, sample.value)
     start, end = sample.needle_spans[sample.target]
@@ -59,7 +59,7 @@ def test_gemfilter_answers_a_3k_haystack_from_256_tokens(doc, haystacks, depth):
 
 def test_full_answers_the_pass_key(doc, haystacks):
     sample = haystacks.sample(random.Random("e2e-passkey"), 2000, passkey=True, depth=0.3)
-    answer = doc.ask(sample.context, sample.question, max_new_tokens=16)
+    answer = doc.ask(sample.context, sample.question, max_new_tokens=32)
     assert is_correct(answer.text, sample), answer.text
 
 
@@ -74,8 +74,12 @@ def test_training_examples_fit_the_window_and_ask_every_needle(doc, haystacks):
         example = train.make_example(haystacks, tokenizer, rng, train.STAGES[-1])
         assert len(example.ids) <= train.WINDOW
         answers = [tokenizer.decode(example.ids[start:end]) for start, end in example.answers]
-        assert all(a.endswith(".<|end|>") and a[:7].isdigit() for a in answers), answers
+        answer_pattern = r"The (?:special magic number for \w+|pass key) is:? (\d{7})\.<\|end\|>"
+        values = [re.fullmatch(answer_pattern, a) for a in answers]
+        assert all(values), answers
         context = tokenizer.decode(example.ids[example.context_start : example.answers[0][0]])
         needles = train.NEEDLE_PATTERN.findall(context)
         if "pass key" not in context:
-            assert sorted(a[:7] for a in answers) == sorted(value for _, value in needles)
+            assert sorted(v.group(1) for v in values) == sorted(value for _, value in needles)
+            keys = [re.search(r"for (\w+) is", a).group(1) for a in answers]
+            assert sorted(keys) == sorted(key for key, _ in needles)  # each answer names its own needle's key

@@ -13,13 +13,13 @@ from pathlib import Path
 
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
 QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
-# Answers start with the value: the prompt's last token must then find the needle, and that token's
-# attention is what GemFilter and HOMER score. (An answer that first repeats the key lets a model copy
-# the value by matching "{key} is:" while decoding, so its prefill attention never looks for the needle.)
-ANSWER = "{value}."
+# Answers repeat the key before the value, like RULER's answer prefix: the value is then found by
+# matching "{key} is:" while decoding, which a small model learns. (Trained to answer the value first, the
+# bundled model matched keys among distractors only ~60 % of the time in five runs.)
+ANSWER = "The special magic number for {key} is: {value}."
 PASSKEY_NEEDLE = "The pass key is {value}. Remember it. {value} is the pass key."
 PASSKEY_QUESTION = "What is the pass key?"
-PASSKEY_ANSWER = "{value}."
+PASSKEY_ANSWER = "The pass key is {value}."
 
 # Books held out of the needle model's training; evaluation haystacks come from these.
 HELD_OUT_BOOKS = ("the-scarlet-letter", "walden", "wuthering-heights")
@@ -103,10 +103,12 @@ class Haystacks:
         needles: int = 1,
         depth: float | None = None,
         passkey: bool = False,
+        together: bool = False,
     ) -> NeedleSample:
         """A haystack of about `tokens` tokens (needles included) with `needles` needles.
 
-        The question asks about one needle; `depth` (0..1) places that one, the others are random.
+        The question asks about one needle; `depth` (0..1) places that one, the others are random, or
+        with `together` right beside it (the hardest distractors: their surroundings are the same text).
         A passkey sample has one needle and the pass-key question.
         """
         values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in range(needles)]
@@ -123,6 +125,8 @@ class Haystacks:
         depths = [rng.random() for _ in range(needles)]
         if depth is not None:
             depths[target] = depth
+        if together:
+            depths = [depths[target]] * needles
         # Insert from the deepest needle up so earlier offsets stay valid.
         inserts = sorted(((_boundary(hay, d), i) for i, d in enumerate(depths)), reverse=True)
         spans: dict[int, tuple[int, int]] = {}
