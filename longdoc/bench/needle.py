@@ -15,7 +15,7 @@ NEEDLE = "One of the special magic numbers for {key} is: {value}."
 QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
 # Answers repeat the key before the value, like RULER's answer prefix: the value is then found by
 # matching "{key} is:" while decoding, which a small model learns. (Trained to answer the value first, the
-# bundled model matched keys among distractors only ~60 % of the time in five runs.)
+# bundled model matched keys among distractors only ~60 % of the time in every run.)
 ANSWER = "The special magic number for {key} is: {value}."
 PASSKEY_NEEDLE = "The pass key is {value}. Remember it. {value} is the pass key."
 PASSKEY_QUESTION = "What is the pass key?"
