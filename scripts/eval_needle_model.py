@@ -64,7 +64,7 @@ def main() -> None:
             run("full", doc, length, 4, args.samples)
             run("full", doc, length, 1, args.samples, passkey=True)
     if "gemfilter" in methods:
-        # Softmax scores, a 41-token pool and the question's last 16 queries: the model card says why.
+        # Softmax scores, a 41-token pool and the question's last --query-tokens queries: the model card says why.
         options = dict(top_k=args.top_k, score="softmax", pool_kernel=41, query_tokens=args.query_tokens)
         sweep = {}
         for layer in range(doc.arch.num_layers):

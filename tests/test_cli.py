@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = str(ROOT / "examples" / "models" / "needle-tiny")
 BOOKS = ROOT.parent / "shared" / "corpus" / "books"
 PDFS = ROOT.parent / "shared" / "corpus" / "pdf"
-# GemFilter settings for the needle model (its model card says why): layer 7 scored by the question's
-# last 16 queries, softmax scores, and a pool wide enough to keep the whole needle sentence.
-NEEDLE_GEMFILTER = ["--filter-layer", "7", "--top-k", "256", "-o", "score=softmax", "-o", "pool_kernel=41"]
-NEEDLE_GEMFILTER += ["-o", "query_tokens=16"]
+sys.path.insert(0, str(ROOT / "examples"))
+from needle_folder import NEEDLE_GEMFILTER as GEMFILTER_OPTIONS  # noqa: E402  (the model card's settings)
+
+# The same settings as `longdoc ask` flags: the two named options, the rest as -o KEY=VALUE.
+NAMED_FLAGS = {"filter_layer": "--filter-layer", "top_k": "--top-k"}
+NEEDLE_GEMFILTER = [
+    arg
+    for key, value in GEMFILTER_OPTIONS.items()
+    for arg in ((NAMED_FLAGS[key], str(value)) if key in NAMED_FLAGS else ("-o", f"{key}={value}"))
+]
 
 runner = CliRunner()
 
