@@ -15,7 +15,7 @@ from longdoc import LongDocError
 
 from .console import err, fail, progress_bar
 from .console import out as stdout
-from .options import per_method_options
+from .options import in_flags, per_method_options
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: needle accuracy, filter layers, speed and memory.")
 
@@ -88,7 +88,7 @@ def _run(fn, out: Path):
         out.mkdir(parents=True, exist_ok=True)
         fn()
     except LongDocError as exc:
-        fail(str(exc))
+        fail(in_flags(str(exc)))
 
 
 @bench_app.command()
@@ -111,12 +111,17 @@ def needle(
     """Needle accuracy of each method over lengths and depths: JSON, a heatmap per method, a summary table."""
 
     def work():
-        from longdoc import LongDoc
+        from dataclasses import fields
+
+        from longdoc import METHODS, LongDoc
         from longdoc.bench.evaluate import needle_records
         from longdoc.bench.plots import heatmap
 
         names, length_list, depth_list = _names(methods), _ints(lengths), _floats(depths)
         configs = per_method_options(names, option or [], top_k=top_k)
+        for name in names:  # a benchmark compares every method at every length, past the window too
+            if "past_window" in {f.name for f in fields(METHODS[name])}:
+                configs[name].setdefault("past_window", "true")
         base = LongDoc.from_pretrained(model, method="full", device=device)
         haystacks, used_books = _haystacks(books, base.tokenizer, held_out)
         records = []

@@ -16,7 +16,7 @@ from longdoc import LongDocError
 
 from .bench import bench_app
 from .console import err, fail, progress_bar
-from .options import method_options, parse_options
+from .options import in_flags, method_options, parse_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ask a local LLM about a whole document.")
 app.add_typer(bench_app, name="bench")
@@ -35,7 +35,8 @@ def ask(
     method: str = typer.Option("gemfilter", help="Prefill method (see `longdoc info`)."),
     top_k: int | None = typer.Option(None, help="Context tokens kept by gemfilter and the budgeted baselines."),
     filter_layer: int | None = typer.Option(None, help="GemFilter: the selecting layer (default: known or 0.4 depth)."),
-    chunk_len: int | None = typer.Option(None, help="homer: max tokens per chunk; full/gemfilter: prefill chunk."),
+    chunk_len: int | None = typer.Option(None, help="homer: most tokens per chunk (max_chunk_len)."),
+    prefill_chunk: int | None = typer.Option(None, help="Tokens per forward chunk of the prefill (memory vs speed)."),
     option: Annotated[
         list[str] | None,
         typer.Option("--option", "-o", help="Any other method option as KEY=VALUE, e.g. -o score=softmax."),
@@ -51,12 +52,14 @@ def ask(
 ) -> None:
     """Answer QUESTION about FILE...; the answer streams to stdout, progress goes to stderr."""
     try:
-        options = method_options(method, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len)
+        options = method_options(
+            method, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
+        )
         options.update(parse_options(option or []))
         request = AskRequest(files, question, model, method, options, max_new_tokens, device, dtype, password)
         _ask(request, as_json, evidence, quiet, trust_remote_code)
     except LongDocError as exc:
-        fail(str(exc))
+        fail(in_flags(str(exc)))
 
 
 @dataclass
@@ -108,19 +111,13 @@ def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, t
             tasks[stage] = bar.add_task(stage, total=total)
         bar.update(tasks[stage], completed=done, total=total)
 
-    answer = None
     with bar:
-        pieces = doc.stream_answer(
-            document.text, request.question, progress=progress, max_new_tokens=request.max_new_tokens
-        )
-        first = next(pieces)
-    for piece in _chain(first, pieces):
-        if isinstance(piece, str):
-            if not as_json:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        else:
-            answer = piece
+        stream = doc.stream(document.text, request.question, progress=progress, max_new_tokens=request.max_new_tokens)
+    for piece in stream:
+        if not as_json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    answer = stream.answer
     spans = [{**span, "score": round(span["score"], 4)} for span in document.locate_evidence(answer.evidence)]
     if as_json:
         print(json.dumps({"answer": answer.text, "evidence": spans, "stats": asdict(answer.stats)}, indent=2))
@@ -148,11 +145,6 @@ def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, t
         )
 
 
-def _chain(first, rest):
-    yield first
-    yield from rest
-
-
 @app.command()
 def calibrate(
     model: str = typer.Argument(..., help="Hub id or local model folder."),
@@ -172,7 +164,7 @@ def calibrate(
     try:
         _calibrate(model, text or [], books, samples, length, out, device, quiet)
     except LongDocError as exc:
-        fail(str(exc))
+        fail(in_flags(str(exc)))
 
 
 def _calibrate(model, texts, books, samples, length, out, device, quiet) -> None:

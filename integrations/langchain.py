@@ -157,20 +157,17 @@ class ChatLongDoc(_LongDocFields, BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         engine, model = self._engine(kwargs)
         context, question = split_messages(_pairs(messages))
-        for piece in engine.stream_answer(context, question, **self._generation(stop, kwargs)):
-            if isinstance(piece, Answer):
-                message = AIMessageChunk(
-                    content="",
-                    usage_metadata=_usage(piece),
-                    response_metadata=_metadata(piece, model),
-                    chunk_position="last",
-                )
-                yield ChatGenerationChunk(message=message)
-                continue
+        stream = engine.stream(context, question, **self._generation(stop, kwargs))
+        for piece in stream:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager:
                 run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
+        answer = stream.answer
+        message = AIMessageChunk(
+            content="", usage_metadata=_usage(answer), response_metadata=_metadata(answer, model), chunk_position="last"
+        )
+        yield ChatGenerationChunk(message=message)
 
 
 class LongDocLLM(_LongDocFields, BaseLLM):
@@ -221,14 +218,13 @@ class LongDocLLM(_LongDocFields, BaseLLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         engine, model = self._engine(kwargs)
-        for piece in engine.stream_answer(*split_prompt(prompt), **self._generation(stop, kwargs)):
-            if isinstance(piece, Answer):
-                yield GenerationChunk(text="", generation_info=_metadata(piece, model))
-                continue
+        stream = engine.stream(*split_prompt(prompt), **self._generation(stop, kwargs))
+        for piece in stream:
             chunk = GenerationChunk(text=piece)
             if run_manager:
                 run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
+        yield GenerationChunk(text="", generation_info=_metadata(stream.answer, model))
 
 
 class LongDocQA(RunnableSerializable[dict, dict]):

@@ -84,12 +84,11 @@ class LongDocLLM(CustomLLM):
     def _stream(self, context: str, question: str, kwargs: dict):
         """(text so far, new piece) pairs, then the finished Answer."""
         text = ""
-        for piece in self._doc.stream_answer(context, question, **self._options(kwargs)):
-            if isinstance(piece, Answer):
-                yield piece
-            else:
-                text += piece
-                yield text, piece
+        stream = self._doc.stream(context, question, **self._options(kwargs))
+        for piece in stream:
+            text += piece
+            yield text, piece
+        yield stream.answer
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
@@ -149,11 +148,8 @@ class LongDocQueryEngine(CustomQueryEngine):
     def custom_query(self, query_str: str) -> Response | StreamingResponse:
         options = self.llm._options({})
         if self.streaming:
-            evidence, pieces = self.llm.engine.begin(self.document.text, query_str, **options)
-            nodes = self._nodes(evidence)
-            return StreamingResponse(
-                response_gen=(piece for piece in pieces if isinstance(piece, str)), source_nodes=nodes
-            )
+            stream = self.llm.engine.stream(self.document.text, query_str, **options)
+            return StreamingResponse(response_gen=iter(stream), source_nodes=self._nodes(stream.evidence))
         answer = self.llm.engine.ask(self.document.text, query_str, **options)
         return Response(response=answer.text, source_nodes=self._nodes(answer.evidence), metadata=_raw(answer))
 

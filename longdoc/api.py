@@ -1,21 +1,36 @@
-"""The public entry point: LongDoc.from_pretrained(...).ask(context, question)."""
+"""The public entry point: LongDoc.from_pretrained(...); doc.ask(text, question) or doc.read(source).ask(question).
+
+One data path: text and question (or any chat / completion prompt) -> PromptLayout -> the method's prefill,
+over a reading of the question-independent part when there is one -> decoding -> Answer. The caller
+(this module) times the prefill, measures memory and writes the stats; methods only compute.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from .arch import Arch
+from .documents import Document, join_documents, load_documents
 from .errors import LongDocError
 from .evidence import Evidence, evidence_spans
 from .generate import GenerationConfig, eos_token_ids, generate_tokens, stream_text
-from .methods import FullConfig, Prefilled, make_method
+from .measure import Measure
+from .methods import Full, Method, Prefill, parse_method
 from .model import load_model
 from .progress import ProgressHook, no_progress
-from .prompt import PromptLayout, build_layout
+from .prompt import PromptLayout, build_layout, layout_completion, layout_messages
+from .reading import ROOM, ReadingCache, ReadingStore, default_budgets
+from .reading import load as load_saved
+from .reading import save as save_reading
+
+GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
 
 
 @dataclass
@@ -24,9 +39,15 @@ class Stats:
     tokens_in: int
     tokens_kept: int
     tokens_out: int = 0
-    prefill_seconds: float = 0.0
+    prefill_seconds: float = 0.0  # this question's time to first token, a reading made for it included
     decode_seconds: float = 0.0
     peak_memory_bytes: int | None = None  # GPU memory above the loaded model during prefill; None on CPU
+    cache_bytes: int = 0  # the decoding cache's keys and values after prefill
+    reading: str = "none"  # "read": made for this question; "reused": an earlier reading; "none": not reusable
+    reused_tokens: int = 0  # prompt tokens whose work came from an earlier reading
+    reading_bytes: int = 0  # the reading's keys and values (held for later questions)
+    reading_device: str = "none"  # where the reading is held: cuda, cpu or none
+    compressed_span: tuple[int, int] = (0, 0)  # prompt rows a method may drop from: [first, end)
     notes: list[str] = field(default_factory=list)
 
 
@@ -37,127 +58,298 @@ class Answer:
     stats: Stats
 
 
-class LongDoc:
-    """A model plus one prefill method; ask questions about long documents."""
+class AnswerStream:
+    """An answer being generated: iterate for text pieces; `evidence` is known at once, `answer` at the end.
 
-    def __init__(self, model, tokenizer, method: str = "gemfilter", system_prompt: str | None = None, **method_config):
+    The prefill has run when this object exists, so `evidence` and `stats` (prefill part) are final.
+    """
+
+    def __init__(self, evidence: list[Evidence], stats: Stats, pieces: Iterator[str], on_close=None) -> None:
+        self.evidence, self.stats = evidence, stats
+        self._pieces, self._text, self._on_close = pieces, [], on_close
+        self._answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for piece in self._pieces:
+                self._text.append(piece)
+                yield piece
+            self._answer = Answer("".join(self._text), self.evidence, self.stats)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+    @property
+    def answer(self) -> Answer:
+        """The finished answer; generates the rest first if the stream was not read to the end."""
+        if self._answer is None:
+            for _ in self:
+                pass
+        return self._answer
+
+
+class LongDoc:
+    """A model plus a default prefill method; ask questions about long documents, or read one and ask many."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        method: Method | str = "gemfilter",
+        system_prompt: str | None = None,
+        *,
+        store: ReadingStore | None = None,
+        **method_options,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.arch = Arch(model)
-        self.method = make_method(method, **method_config)
+        self.method = parse_method(method, method_options)
         self.system_prompt = system_prompt
         self.eos_ids = eos_token_ids(model, tokenizer)
+        if store is None:
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            store = ReadingStore(*default_budgets(self.arch.device, weights), self.arch.device.type)
+        self.store = store
 
     @classmethod
     def from_pretrained(
         cls,
         model: str,
-        method: str = "gemfilter",
+        method: Method | str = "gemfilter",
         *,
         device: str = "auto",
         dtype: str = "auto",
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         system_prompt: str | None = None,
-        **method_config,
+        **method_options,
     ) -> LongDoc:
-        """Load a hub id or a local folder (safetensors only). `method_config` goes to the method."""
-        make_method(method, **method_config)  # fail on bad options before loading weights
+        """Load a hub id or a local folder (safetensors only). `method` is a Method object (or a name + options)."""
+        parse_method(method, method_options)  # fail on bad options before loading weights
         loaded, tokenizer = load_model(model, device, dtype, attn_implementation, trust_remote_code)
-        return cls(loaded, tokenizer, method, system_prompt, **method_config)
+        return cls(loaded, tokenizer, method, system_prompt, **method_options)
 
-    def with_method(self, method: str, **method_config) -> LongDoc:
-        """The same loaded model with another method (no reload)."""
-        return LongDoc(self.model, self.tokenizer, method, self.system_prompt, **method_config)
+    def with_method(self, method: Method | str, **method_options) -> LongDoc:
+        """The same loaded model (and reading store) with another default method; nothing is reloaded."""
+        return LongDoc(self.model, self.tokenizer, method, self.system_prompt, store=self.store, **method_options)
 
+    # ----- layouts -----
     def layout(self, context: str, question: str) -> PromptLayout:
         return build_layout(self.tokenizer, context, question, self.system_prompt)
 
-    def prefill(self, layout: PromptLayout, progress: ProgressHook = no_progress) -> Prefilled:
-        # With no context there is nothing to compress: every method's prefill is the plain one.
-        method = self.method if layout.context_len else FullConfig()
-        try:
-            prefilled = method.prefill(self.arch, layout, progress)
-        except torch.OutOfMemoryError:
-            raise LongDocError(
-                f"out of GPU memory prefilling {len(layout)} tokens with '{self.method.name}'; try "
-                "--method homer, a smaller --top-k or --chunk-len, or another device"
-            ) from None
-        if not layout.context_len:
-            prefilled.notes.append("no context: plain prefill of the question")
-        return prefilled
+    def layout_prompt(self, prompt: str | list[tuple[str, str]]) -> PromptLayout:
+        """A framework's prompt: one completion string, or chat messages as (role, text) pairs."""
+        if isinstance(prompt, str):
+            return layout_completion(self.tokenizer, prompt)
+        return layout_messages(self.tokenizer, list(prompt))
 
-    def ask(self, context: str, question: str, progress: ProgressHook = no_progress, **generation) -> Answer:
+    # ----- asking -----
+    def ask(
+        self,
+        context: str,
+        question: str,
+        *,
+        method: Method | None = None,
+        progress: ProgressHook = no_progress,
+        **generation,
+    ) -> Answer:
         """Answer `question` about `context`; returns text, evidence spans and stats."""
-        *_, answer = self.stream_answer(context, question, progress, **generation)
-        return answer
+        return self.stream(context, question, method=method, progress=progress, **generation).answer
 
-    def stream(self, context: str, question: str, progress: ProgressHook = no_progress, **generation) -> Iterator[str]:
-        """Yield the answer's text pieces as they are generated."""
-        for piece in self.stream_answer(context, question, progress, **generation):
-            if isinstance(piece, str):
-                yield piece
-
-    def stream_answer(self, context: str, question: str, progress: ProgressHook = no_progress, **generation):
-        """Yield text pieces, then the finished Answer (text filled in) as the last item."""
-        _, pieces = self.begin(context, question, progress, **generation)
-        yield from pieces
-
-    def begin(self, context: str, question: str, progress: ProgressHook = no_progress, **generation):
-        """Prefill now; return (evidence, iterator of text pieces that ends with the finished Answer).
-
-        For callers that must hand out the evidence before the answer streams (query engines).
-        """
-        run = self._run(context, question, progress, GenerationConfig(**_stop_tuple(generation)), announce=True)
-        evidence = next(run)
-
-        def pieces():
-            text: list[str] = []
-            for piece in run:
-                if isinstance(piece, Answer):
-                    piece.text = "".join(text)
-                else:
-                    text.append(piece)
-                yield piece
-
-        return evidence, pieces()
-
-    def _run(self, context: str, question: str, progress: ProgressHook, config: GenerationConfig, announce=False):
+    def stream(
+        self,
+        context: str,
+        question: str,
+        *,
+        method: Method | None = None,
+        progress: ProgressHook = no_progress,
+        **generation,
+    ) -> AnswerStream:
+        """Prefill now; the returned stream yields the answer's text as it is generated."""
+        config = generation_config(generation)
         progress("tokenizing", 0, 1)
         layout = self.layout(context, question)
         progress("tokenizing", 1, 1)
-        self._check_question(layout)
-        prefilled = self.prefill(layout, progress)
-        progress("generating", 0, config.max_new_tokens)
-        stats = Stats(
-            method=self.method.name,
-            tokens_in=prefilled.tokens_in,
-            tokens_kept=prefilled.tokens_kept,
-            prefill_seconds=prefilled.prefill_seconds,
-            peak_memory_bytes=prefilled.peak_memory_bytes,
-            notes=list(prefilled.notes),
+        return self._start(layout, method or self.method, config, progress)
+
+    def ask_prompt(self, prompt: str | list[tuple[str, str]], *, method: Method | None = None, **generation) -> Answer:
+        """Answer a whole prompt as a framework sends it (completion string or chat messages); see `layout_prompt`."""
+        return self.stream_prompt(prompt, method=method, **generation).answer
+
+    def stream_prompt(
+        self,
+        prompt: str | list[tuple[str, str]],
+        *,
+        method: Method | None = None,
+        progress: ProgressHook = no_progress,
+        **generation,
+    ) -> AnswerStream:
+        config = generation_config(generation)
+        return self._start(self.layout_prompt(prompt), method or self.method, config, progress)
+
+    # ----- readings -----
+    def read(
+        self,
+        source: str | Document | Path | list,
+        *,
+        method: Method | None = None,
+        progress: ProgressHook = no_progress,
+    ) -> Reading:
+        """Read a document once: text, a Document, a path, or a list of paths / Documents."""
+        document = as_document(source)
+        method = method or self.method
+        layout = self.layout(document.text, "?")  # the prefix and document do not depend on the question
+        head = layout.token_ids()[: layout.reading_len]
+        if method.reusable:
+            self._check_window(method, len(head))
+        cache = self._reading_for(method, head, progress, keep=True)[0]
+        return Reading(self, method, document, cache)
+
+    def load_reading(
+        self,
+        folder: str | Path,
+        source: str | Document | Path | list | None = None,
+        *,
+        method: Method | None = None,
+    ) -> Reading:
+        """A reading saved by `Reading.save`, checked against this model, the method (default: this engine's),
+        longdoc's version and the document (default: the text saved with it) before use."""
+        method = method or self.method
+        try:
+            saved = json.loads((Path(folder) / "reading.json").read_text())["document"]
+            document = Document(text=saved["text"], source=saved["source"])
+        except (OSError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError):
+            raise LongDocError(f"{folder} holds no readable saved reading; save one with reading.save") from None
+        if source is not None:
+            document = as_document(source)
+        cache = load_saved(Path(folder), self.facts(method, document), method, self.arch.num_layers, self.arch.device)
+        self.store.add(cache)
+        return Reading(self, method, document, cache)
+
+    def facts(self, method: Method, document: Document) -> dict:
+        """What a saved reading must agree with: model, weights, method and settings, longdoc version, document."""
+        from . import __version__
+
+        return dict(
+            model=str(getattr(self.arch.config, "_name_or_path", "")),
+            model_fingerprint=model_fingerprint(self.model),
+            method=method.name,
+            options={k: v for k, v in method.options().items()},
+            longdoc=__version__,
+            document_sha256=hashlib.sha256(document.text.encode()).hexdigest(),
         )
-        evidence = evidence_spans(layout, prefilled.kept_context, prefilled.context_scores)
-        if announce:
-            yield evidence
-        counted: list[int] = []
+
+    # ----- the one data path -----
+    def prefill(
+        self, layout: PromptLayout, method: Method | None = None, progress: ProgressHook = no_progress
+    ) -> Prefill:
+        """The method's prefill of `layout` (through the reading store); for callers that decode themselves."""
+        prefill, _, release = self._prefill(layout, method or self.method, progress)
+        if release is not None:
+            release()  # the caller decodes alone: nothing else uses the reading meanwhile
+        return prefill
+
+    def _start(self, layout: PromptLayout, method: Method, config: GenerationConfig, progress) -> AnswerStream:
+        self._check_question(layout)
+        prefill, stats, release = self._prefill(layout, method, progress)
+        evidence = evidence_spans(layout, prefill.kept_context, prefill.context_scores)
+        progress("generating", 0, config.max_new_tokens)
+        pieces = self._decode(prefill, config, stats)
+        return AnswerStream(evidence, stats, pieces, on_close=release)
+
+    def _prefill(self, layout: PromptLayout, method: Method, progress):
+        """(prefill, stats, release): `release` hands the reading back once decoding (which may append to
+        the reading's buffers, for full) is over."""
+        notes = []
+        if not layout.context_len:  # nothing to compress: every method's prefill is the plain one
+            method, notes = Full(), ["no context: plain prefill of the question"]
+        self._check_window(method, len(layout))
+        head = layout.token_ids()[: layout.reading_len]
+        with Measure(self.arch.device) as measure:
+            try:
+                cache, how = self._reading_for(method, head, progress) if method.reusable else (None, "none")
+                lease = cache.lease(self.arch.device) if cache is not None else None
+                try:
+                    prefill = method.prefill(self.arch, layout, progress, reading=lease)
+                except BaseException:
+                    if cache is not None:
+                        cache.release()
+                    raise
+            except torch.OutOfMemoryError:
+                raise LongDocError(
+                    f"out of GPU memory prefilling {len(layout)} tokens with {method.describe()}; try method "
+                    "Homer(), a smaller top_k or prefill_chunk, or another device"
+                ) from None
+        if how == "none" and method.reusable is False and layout.context_len:
+            notes.append(f"{method.name}: its compression depends on the question, so it is redone for each question")
+        stats = Stats(
+            method=method.name,
+            tokens_in=len(layout),
+            tokens_kept=prefill.tokens_kept,
+            prefill_seconds=measure.seconds,
+            peak_memory_bytes=measure.peak_bytes,
+            cache_bytes=prefill.cache.nbytes(),
+            reading=how,
+            reused_tokens=len(head) if how == "reused" else 0,
+            reading_bytes=cache.nbytes if cache is not None else 0,
+            reading_device=cache.device if cache is not None else "none",
+            compressed_span=(layout.prefix_len, layout.prefix_len + layout.context_len),
+            notes=notes + prefill.notes,
+        )
+        return prefill, stats, (cache.release if cache is not None else None)
+
+    def _reading_for(
+        self, method: Method, head: list[int], progress: ProgressHook, keep: bool = False
+    ) -> tuple[ReadingCache | None, str]:
+        """The store's reading of `head` for this method, or a new one (kept if the budget allows, or `keep`)."""
+        if not method.reusable:
+            return ReadingCache(method, head, None), "none"
+        found = self.store.find(method, head)
+        if found is not None:
+            if found.device == "cpu" and self.arch.device.type != "cpu":
+                found.to(self.arch.device)
+            return found, "reused"
+        if not keep and not self.store.fits(self.reading_bytes(method, len(head))):
+            return None, "none"  # too large to keep: the method's own one-pass prefill, same result
+        start = time.perf_counter()
+        ids = torch.tensor([head], device=self.arch.device)
+        cache = method.read(self.arch, ids, progress)
+        cache.capacity = len(head) + ROOM
+        cache.with_room(ROOM)
+        reading = ReadingCache(method, head, cache, seconds=time.perf_counter() - start)
+        self.store.add(reading)
+        return reading, "read"
+
+    def reading_bytes(self, method: Method, tokens: int) -> int:
+        """Keys and values a reading of `tokens` tokens would hold (gemfilter's last layer holds keys only)."""
+        layers = method.reading_layers(self.arch)
+        per_layer = tokens * self.arch.num_kv_heads * self.arch.head_dim * self.arch.dtype.itemsize
+        full_layers = layers if isinstance(method, Full) else layers - 1
+        return per_layer * (2 * full_layers + (layers - full_layers))
+
+    def _decode(self, prefill: Prefill, config: GenerationConfig, stats: Stats) -> Iterator[str]:
+        start = time.perf_counter()
+        counted = 0
 
         def counting(tokens):
+            nonlocal counted
             for token in tokens:
-                counted.append(token)
+                counted += 1
                 yield token
 
-        start = time.perf_counter()
-        tokens = counting(generate_tokens(self.arch, prefilled, config, self.eos_ids))
+        tokens = counting(generate_tokens(self.arch, prefill, config, self.eos_ids))
         try:
             yield from stream_text(self.tokenizer, tokens, config.stop)
         except torch.OutOfMemoryError:
-            raise LongDocError(
-                "out of GPU memory while decoding; lower --max-new-tokens or use another device"
-            ) from None
-        stats.tokens_out = len(counted)
-        stats.decode_seconds = time.perf_counter() - start
-        yield Answer(text="", evidence=evidence, stats=stats)
+            raise LongDocError("out of GPU memory while decoding; lower max_new_tokens or use another device") from None
+        finally:
+            stats.tokens_out = counted
+            stats.decode_seconds = time.perf_counter() - start
 
     def _check_question(self, layout: PromptLayout) -> None:
         window = self.arch.trained_window
@@ -167,17 +359,89 @@ class LongDoc:
                 f"the model's {window}-token window; ask a shorter question"
             )
 
+    def _check_window(self, method: Method, tokens: int) -> None:
+        """Full attention past the trained window gives garbage: say so instead (homer and rag read past it)."""
+        window = self.arch.trained_window
+        if window and tokens > window and not (method.reads_past_window or getattr(method, "past_window", False)):
+            raise LongDocError(
+                f"the prompt has {tokens} tokens, more than the model's {window}-token window, which method "
+                f"'{method.name}' cannot read past; use method 'homer', or set past_window=True to run it anyway"
+            )
 
-def _stop_tuple(generation: dict) -> dict:
+
+class Reading:
+    """A document read once by one method; ask it as many questions as you like.
+
+    For full and gemfilter each question runs only its own tokens over the reading and the answer equals
+    `doc.ask(text, question)` token for token; other methods recompute per question (the stats say so).
+    """
+
+    def __init__(self, engine: LongDoc, method: Method, document: Document, cache: ReadingCache | None) -> None:
+        self.engine, self.method, self.document = engine, method, document
+        self.cache = cache  # held here, so the store's eviction never takes it from under this object
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes if self.cache is not None else 0
+
+    @property
+    def tokens(self) -> int:
+        return self.cache.length if self.cache is not None else 0
+
+    def ask(self, question: str, *, progress: ProgressHook = no_progress, **generation) -> Answer:
+        return self.stream(question, progress=progress, **generation).answer
+
+    def stream(self, question: str, *, progress: ProgressHook = no_progress, **generation) -> AnswerStream:
+        engine = self.engine
+        if self.cache is not None and self.cache.cache is not None:
+            engine.store.add(self.cache)  # back in the store if it was evicted: this question finds it there
+        return engine.stream(self.document.text, question, method=self.method, progress=progress, **generation)
+
+    def save(self, folder: str | Path) -> Path:
+        """Tensors in safetensors, facts in JSON (model, weights, method, version, document); `load_reading` checks."""
+        if self.cache is None:
+            raise LongDocError("this reading holds nothing to save")
+        facts = self.engine.facts(self.method, self.document)
+        facts["document"] = {"text": self.document.text, "source": self.document.source}
+        return save_reading(self.cache, Path(folder), facts)
+
+
+def generation_config(generation: dict) -> GenerationConfig:
+    """Generation options by name; an unknown one is refused with the list of those there are."""
+    unknown = set(generation) - set(GENERATION_OPTIONS)
+    if unknown:
+        raise LongDocError(
+            f"unknown generation option {', '.join(sorted(unknown))}; use {', '.join(GENERATION_OPTIONS)}"
+        )
     stop = generation.get("stop")
     if isinstance(stop, str):
         generation = {**generation, "stop": (stop,)}
     elif stop is not None:
         generation = {**generation, "stop": tuple(stop)}
-    unknown = set(generation) - {"max_new_tokens", "temperature", "top_p", "stop", "seed"}
-    if unknown:
-        raise LongDocError(
-            f"unknown generation option {', '.join(sorted(unknown))}; "
-            "use max_new_tokens, temperature, top_p, stop, seed"
-        )
-    return generation
+    return GenerationConfig(**generation)
+
+
+def as_document(source) -> Document:
+    """Text, a Document, a path, or a list of paths / Documents -> one Document."""
+    if isinstance(source, Document):
+        return source
+    if isinstance(source, str):
+        return Document(text=source, source="text")
+    if isinstance(source, Path):
+        return load_documents([str(source)])
+    if isinstance(source, (list, tuple)) and source:
+        if all(isinstance(s, Document) for s in source):
+            return source[0] if len(source) == 1 else join_documents(list(source))
+        return load_documents([str(s) for s in source])
+    raise LongDocError("read() takes text, a Document, a path, or a list of paths or Documents")
+
+
+def model_fingerprint(model) -> str:
+    """A hash of the model's config and of its weight files' names and sizes (a saved reading must match)."""
+    config = model.config.to_json_string(use_diff=False)
+    folder = Path(str(getattr(model.config, "_name_or_path", "")))
+    files = sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+    return hashlib.sha256(json.dumps([config, files]).encode()).hexdigest()[:16]
+
+
+__all__ = ["Answer", "AnswerStream", "LongDoc", "Reading", "Stats", "asdict"]

@@ -10,6 +10,7 @@ per family from the layer's own weights and its module's `apply_rotary_pos_emb`.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,33 @@ class Arch:
             use_cache=cache is not None,
         )
         return out[0] if isinstance(out, tuple) else out
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache=None,
+        layers: range | None = None,
+        tap: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Run decoder `layers` (all by default) over `hidden` (1, q, d), the one loop every pass goes through.
+
+        The new rows attend to what `cache` already holds at each layer, causally. `tap(i, layer_input)` is
+        called before layer i runs, for passes that need a layer's queries (SnapKV, HOMER, calibration).
+        """
+        layers = range(self.num_layers) if layers is None else layers
+        past = cache.seq_length(layers[0]) if cache is not None else 0
+        q_len = hidden.shape[1]
+        mask = self.attention_mask(q_len, past + q_len, hidden.dtype, hidden.device)
+        for i in layers:
+            if tap is not None:
+                tap(i, hidden)
+            hidden = self.run_layer(i, hidden, position_embeddings, cache, mask)
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the last row, (1, vocab): final norm and LM head on that row only."""
+        return self.logits(self.final_norm(hidden[:, -1:]))[:, -1]
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder.norm(hidden)

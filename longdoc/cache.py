@@ -2,8 +2,9 @@
 
 Transformers' attention layers call `past_key_values.update(keys, values, layer_idx)` and attend
 over what it returns. This class answers that call with preallocated buffers (decoding appends
-without re-copying the whole cache) and adds what the prefill methods need: selecting a subset
-of positions in every layer (GemFilter's and HOMER's pruning) and merging two caches.
+without re-copying the whole cache) and adds what the prefill methods need: keeping a subset
+of positions in every layer (GemFilter's, HOMER's and SnapKV's pruning), freeing a layer, and
+forking a reading's cache for one question without copying it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import torch
 
 
 class KVCache:
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, capacity: int = 0) -> None:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
+        self.capacity = capacity  # rows to allocate at once when the final length is known
 
     @property
     def num_layers(self) -> int:
@@ -27,7 +29,8 @@ class KVCache:
         length = self.lengths[layer_idx]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if keys is None or length + new > keys.shape[-2]:
-            capacity = max(length + new, 2 * length, 64)
+            # Grow by a quarter, not double: a forked 128K-token cache must not double its memory to decode.
+            capacity = max(length + new, self.capacity, length + max(length // 4, 64))
             keys = _grow(keys, length, capacity, key_states)
             values = _grow(values, length, capacity, value_states)
             self.keys[layer_idx], self.values[layer_idx] = keys, values
@@ -51,14 +54,47 @@ class KVCache:
         self.keys[layer_idx], self.values[layer_idx] = keys.contiguous(), values.contiguous()
         self.lengths[layer_idx] = keys.shape[-2]
 
-    def select(self, index: torch.Tensor, layers: range | None = None) -> None:
-        """Keep only the positions in `index` (sorted, 1-D) in the given layers (all filled ones by default)."""
+    def keep(self, index: torch.Tensor, layers: range | list[int] | None = None) -> None:
+        """Keep only the positions in `index` in the given layers (all filled ones by default).
+
+        `index` is 1-D (the same positions for every KV head, ascending) or (kv_heads, k) (each KV head its own).
+        """
         for i in layers if layers is not None else range(self.num_layers):
             if self.keys[i] is None:
                 continue
             keys, values = self.layer(i)
             idx = index.to(keys.device)
-            self.set_layer(i, keys.index_select(-2, idx), values.index_select(-2, idx))
+            if idx.ndim == 1:
+                self.set_layer(i, keys.index_select(-2, idx), values.index_select(-2, idx))
+            else:
+                gather = idx[None, :, :, None].expand(keys.shape[0], -1, -1, keys.shape[-1])
+                self.set_layer(i, keys.gather(2, gather), values.gather(2, gather))
+
+    def free(self, layer_idx: int) -> None:
+        """Drop one layer's keys and values (its memory is released once nothing else holds it)."""
+        self.keys[layer_idx] = self.values[layer_idx] = None
+        self.lengths[layer_idx] = 0
+
+    def fork(self) -> KVCache:
+        """A cache that starts as this one and grows on its own; this one's first `seq_length` rows never change.
+
+        The fork shares the buffers: what it appends is written past this cache's length, which this cache
+        never reads, and a buffer that must grow is copied first. So a reading's document cache serves one
+        question after another without a copy. Two forks alive at once would write the same rows: the
+        caller (a Reading) hands out one at a time.
+        """
+        forked = KVCache(self.num_layers)
+        forked.keys, forked.values, forked.lengths = list(self.keys), list(self.values), list(self.lengths)
+        return forked
+
+    def with_room(self, extra: int) -> KVCache:
+        """Give every filled layer spare capacity for `extra` more rows, so forks append without copying."""
+        for i in range(self.num_layers):
+            if self.keys[i] is not None and self.keys[i].shape[-2] < self.lengths[i] + extra:
+                keys, values = self.layer(i)
+                self.keys[i] = _grow(keys, self.lengths[i], self.lengths[i] + extra, keys)
+                self.values[i] = _grow(values, self.lengths[i], self.lengths[i] + extra, values)
+        return self
 
     def to(self, device: torch.device | str) -> KVCache:
         """A copy with every filled layer (only its used length) on `device`."""
@@ -70,7 +106,13 @@ class KVCache:
         return moved
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+        """Bytes of the rows in use (not of spare capacity)."""
+        total = 0
+        for i in range(self.num_layers):
+            if self.keys[i] is not None:
+                keys, values = self.layer(i)
+                total += (keys.numel() + values.numel()) * keys.element_size()
+        return total
 
 
 def _grow(buffer: torch.Tensor | None, length: int, capacity: int, like: torch.Tensor) -> torch.Tensor:

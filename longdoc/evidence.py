@@ -19,6 +19,7 @@ class Evidence:
     score: float
     tokens: int  # kept tokens in this span
     peak: int = -1  # character offset of the span's highest-scoring token
+    message: int | None = None  # for a prompt given as messages: the message the span lies in (offsets are its)
 
 
 def evidence_spans(
@@ -49,8 +50,11 @@ def evidence_spans(
     for first, last, best, count, peak in sorted(runs, key=lambda r: -r[2])[:limit]:
         start, end = layout.context_offsets[first][0], layout.context_offsets[last][1]
         quote = quote_of(layout.context_text, start, end)
-        at = layout.context_offsets[peak][0]
-        spans.append(Evidence(start=start, end=end, quote=quote, score=float(best), tokens=count, peak=at))
+        message, start_in, end_in = layout.source_of(start, end)
+        at = layout.source_of(layout.context_offsets[peak][0], end)[1]
+        spans.append(
+            Evidence(start=start_in, end=end_in, quote=quote, score=float(best), tokens=count, peak=at, message=message)
+        )
     return spans
 
 

@@ -9,7 +9,7 @@ import torch
 
 from .arch import Arch
 from .errors import LongDocError
-from .methods.base import Prefilled
+from .methods.base import Prefill
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,11 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 
 @torch.inference_mode()
-def step(arch: Arch, token: int, position: int, prefilled: Prefilled) -> torch.Tensor:
+def step(arch: Arch, token: int, position: int, prefill: Prefill) -> torch.Tensor:
     """Feed one token at `position`; return the next (1, vocab) float32 logits."""
-    ids = torch.tensor([[token]], device=arch.device)
-    hidden = arch.embed(ids)
+    hidden = arch.embed(torch.tensor([[token]], device=arch.device))
     position_embeddings = arch.rotary(hidden, torch.tensor([[position]], device=arch.device))
-    for i in range(arch.num_layers):
-        hidden = arch.run_layer(i, hidden, position_embeddings, prefilled.cache, None)
-    return arch.logits(arch.final_norm(hidden))[:, -1]
+    return arch.head(arch.forward(hidden, position_embeddings, prefill.cache))
 
 
 def pick(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> int:
@@ -64,9 +61,7 @@ def pick(logits: torch.Tensor, config: GenerationConfig, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def generate_tokens(
-    arch: Arch, prefilled: Prefilled, config: GenerationConfig, eos_ids: Iterable[int]
-) -> Iterator[int]:
+def generate_tokens(arch: Arch, prefilled: Prefill, config: GenerationConfig, eos_ids: Iterable[int]) -> Iterator[int]:
     """Yield generated token ids until EOS or `max_new_tokens`. Positions continue at `next_position`."""
     eos = set(eos_ids)
     generator = None

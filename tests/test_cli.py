@@ -14,7 +14,7 @@ from made_documents import write_blank_pdf, write_pdf
 from typer.testing import CliRunner
 
 from longdoc.bench.needle import NEEDLE, QUESTION, Haystacks, load_books
-from longdoc.methods import GemFilterConfig
+from longdoc.methods import GemFilter
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = str(ROOT / "examples" / "models" / "needle-tiny")
@@ -141,7 +141,7 @@ def test_out_of_memory_names_the_ways_out(tmp_path, monkeypatch):
     def out_of_memory(self, arch, layout, progress):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(GemFilterConfig, "prefill", out_of_memory)
+    monkeypatch.setattr(GemFilter, "prefill", out_of_memory)
     doc = tmp_path / "doc.txt"
     doc.write_text("Some text to read.")
     result = ask(str(doc), "What?", "--model", MODEL, "--device", "cpu")

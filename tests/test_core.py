@@ -106,9 +106,9 @@ def test_chunked_full_prefill_matches_one_pass(tiny_model_dirs):
     one = load(path, "full")
     layout = one.layout(CONTEXT, QUESTION)
     whole = one.prefill(layout)
-    chunked = one.with_method("full", chunk_size=37).prefill(layout)
+    chunked = one.with_method("full", prefill_chunk=37).prefill(layout)
     torch.testing.assert_close(whole.last_logits, chunked.last_logits, atol=1e-4, rtol=1e-4)
-    eager_chunked = load(path, "full", attn="eager", chunk_size=37).prefill(layout)
+    eager_chunked = load(path, "full", attn="eager", prefill_chunk=37).prefill(layout)
     torch.testing.assert_close(whole.last_logits, eager_chunked.last_logits, atol=1e-4, rtol=1e-4)
 
 
@@ -197,7 +197,7 @@ def test_sliding_window_longer_than_input_is_refused(tmp_path):
 
 
 MASK_FREE_CASES = [
-    ("full", {"chunk_size": 37}),
+    ("full", {"prefill_chunk": 37}),
     ("gemfilter", {"top_k": 30}),
     ("homer", {"max_chunk_len": 200, "warmup_layers": 0}),
     ("snapkv", {"top_k": 30}),
@@ -234,7 +234,7 @@ def test_chunk_after_cache_join_equals_bottom_right_causal_attention(heads, kv_h
 def test_chunked_filter_pass_changes_nothing(tiny_model_dirs, family):
     """GemFilter's layer-by-layer, chunk-by-chunk filter pass selects what one whole pass selects."""
     whole = load(tiny_model_dirs[family], "gemfilter", attn=None, top_k=30)
-    chunked = whole.with_method("gemfilter", top_k=30, chunk_size=17)
+    chunked = whole.with_method("gemfilter", top_k=30, prefill_chunk=17)
     layout = whole.layout(CONTEXT, QUESTION)
     a, b = whole.prefill(layout), chunked.prefill(layout)
     assert a.kept_context.tolist() == b.kept_context.tolist()

@@ -22,7 +22,7 @@ def cuda_doc(path, method, attn=None, **options) -> LongDoc:
     )
 
 
-@pytest.mark.parametrize("method, options", [("full", {"chunk_size": 37}), ("gemfilter", {"top_k": 30})])
+@pytest.mark.parametrize("method, options", [("full", {"prefill_chunk": 37}), ("gemfilter", {"top_k": 30})])
 def test_mask_free_attention_on_cuda_matches_transformers_sdpa(tiny_model_dirs, family, method, options):
     ours = cuda_doc(tiny_model_dirs[family], method, **options)
     assert ours.arch.attn_implementation == "longdoc_sdpa"
@@ -55,7 +55,7 @@ def test_cudnn_join_runs_and_matches_the_math(heads, kv_heads, head_dim, q, kv):
     torch.testing.assert_close(got.double(), want, atol=1e-2, rtol=1e-2)
 
 
-BF16_CASES = [("full", {"chunk_size": 37}), ("gemfilter", {"top_k": 30, "chunk_size": 37})]
+BF16_CASES = [("full", {"prefill_chunk": 37}), ("gemfilter", {"top_k": 30, "prefill_chunk": 37})]
 
 
 @pytest.mark.parametrize("method, options", BF16_CASES)

@@ -49,7 +49,7 @@ def test_multi_chunk_counts_schedule_and_positions(deep_llama, chunks, max_chunk
     eff = max_chunk_len - p - s
     assert details["chunks"] == chunks == 2 ** math.ceil(math.log2(math.ceil(c / eff)))
     chunk_len = math.ceil(c / chunks)
-    assert details["chunk_len"] == chunk_len
+    assert details["chunk_context_len"] == chunk_len
     height = int(math.log2(chunks))
     per_level = (8 - 2) // (height + 1)
     leftover = (8 - 2) - per_level * (height + 1)

@@ -11,8 +11,8 @@ from ..arch import Arch
 from ..attention import NAME as ATTENTION
 from ..errors import LongDocError
 from ..generate import GenerationConfig, generate_tokens
-from ..methods import make_method
-from ..methods.base import Timer
+from ..measure import Measure
+from ..methods import parse_method
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
 from .shapes import random_model
@@ -59,7 +59,7 @@ def speed_records(
     for length in lengths:
         layout = synthetic_layout(length, model.config.vocab_size)
         for name, options in methods.items():
-            method = make_method(name, **options)
+            method = parse_method(name, options)
             record = dict(method=name, length=length, options=options)
             try:
                 samples = [_one_run(arch, method, layout, decode_tokens) for _ in range(runs + 1)][1:]
@@ -97,7 +97,7 @@ def _transformers_reference(model, layout: PromptLayout, runs: int, decode_token
         times, peaks = [], []
         for i in range(runs + 1):
             _free(device)
-            with Timer(device) as timer:
+            with Measure(device) as timer:
                 model(ids, use_cache=True, logits_to_keep=1)
             if i:
                 times.append(timer.seconds)
@@ -128,8 +128,8 @@ def _transformers_reference(model, layout: PromptLayout, runs: int, decode_token
 
 def _one_run(arch: Arch, method, layout: PromptLayout, decode_tokens: int) -> dict:
     _free(arch.device)
-    prefilled = method.prefill(arch, layout)
-    _sync(arch.device)
+    with Measure(arch.device) as measure:
+        prefilled = method.prefill(arch, layout)
     start = time.perf_counter()
     config = GenerationConfig(max_new_tokens=decode_tokens)
     count = sum(1 for _ in generate_tokens(arch, prefilled, config, eos_ids=()))
@@ -137,9 +137,9 @@ def _one_run(arch: Arch, method, layout: PromptLayout, decode_tokens: int) -> di
     seconds = time.perf_counter() - start
     return dict(
         kept=prefilled.tokens_kept,
-        ttft=prefilled.prefill_seconds,
+        ttft=measure.seconds,
         decode_tps=count / seconds,
-        peak=prefilled.peak_memory_bytes,
+        peak=measure.peak_bytes,
     )
 
 

@@ -1,9 +1,16 @@
-"""What every prefill method returns, and the forward pass they share."""
+"""What a prefill method is, what it hands to decoding, and the passes several methods share.
+
+A method is a frozen dataclass of its settings that subclasses `Method` and declares, as class
+attributes, what its callers need to know (whether it reads past the trained window, whether it
+needs the question's words, whether its work on the document carries over to later questions).
+Its `prefill` returns a `Prefill`: the cache for decoding and what it kept. The caller times it,
+measures memory and writes the stats; a method does no bookkeeping of its own.
+"""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 
@@ -13,20 +20,48 @@ from ..progress import ProgressHook, no_progress
 
 
 @dataclass
-class Prefilled:
-    """A cache ready for decoding, plus what the method kept and measured."""
+class Prefill:
+    """A cache ready for decoding, plus what the method kept."""
 
     cache: KVCache
     next_position: int  # RoPE position of the first generated token
     last_logits: torch.Tensor  # (1, vocab) float32 logits for the first generated token
-    tokens_in: int
-    tokens_kept: int
     kept_context: torch.Tensor | None = None  # indices into the layout's context tokens, ascending
     context_scores: torch.Tensor | None = None  # the method's score of each kept context token
     notes: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)  # method-specific measurements (chunks, schedule, ...)
-    prefill_seconds: float = 0.0
-    peak_memory_bytes: int | None = None
+    tokens_kept: int = 0  # tokens in the decoding cache (per KV head for snapkv); set from the cache
+
+    def __post_init__(self) -> None:
+        self.tokens_kept = self.tokens_kept or self.cache.seq_length()
+
+
+class Method:
+    """Base of every method's settings dataclass: the facts callers ask instead of comparing names."""
+
+    name: ClassVar[str]
+    reads_past_window: ClassVar[bool] = False  # takes prompts longer than the model's trained window
+    needs_question_text: ClassVar[bool] = False  # ranks the document with the question's words
+    # Its work on [prefix | document] does not depend on the question, so a reading keeps it (layers below).
+    reusable: ClassVar[bool] = False
+    budget_option: ClassVar[str | None] = None  # the field that sets its token budget (bench's --top-k)
+
+    def prefill(
+        self, arch: Arch, layout, progress: ProgressHook = no_progress, reading: KVCache | None = None
+    ) -> Prefill:
+        raise NotImplementedError
+
+    def reading_layers(self, arch: Arch) -> int:
+        """How many layers of [prefix | document] keys and values a reading keeps (reusable methods)."""
+        raise NotImplementedError(f"'{self.name}' does not reuse its work across questions")
+
+    def options(self) -> dict:
+        """The settings that differ from the defaults, by field name (for stats, JSON and reading checks)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
+    def describe(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({options})"
 
 
 def strongest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -52,63 +87,40 @@ def keep_index(prefix_len: int, context_len: int, total: int, rows: torch.Tensor
 def run_model(
     arch: Arch,
     input_ids: torch.Tensor,
-    position_ids: torch.Tensor,
+    positions: torch.Tensor,
     cache: KVCache,
-    chunk_size: int,
+    prefill_chunk: int,
     progress: ProgressHook = no_progress,
     stage: str = "prefill",
 ) -> torch.Tensor:
-    """Run every layer over `input_ids` (1, n) in sequence chunks, appending to `cache`.
+    """Run every layer over `input_ids` (1, n) in sequence chunks, appending to `cache`; the last position's logits.
 
-    Returns the float32 logits of the last position, (1, vocab). Chunking bounds the activations
-    to `chunk_size` tokens; attention still sees every earlier token through the cache.
+    Chunking bounds the activations to `prefill_chunk` tokens; attention still sees every earlier token
+    through the cache. Chunks start at multiples of `prefill_chunk` from the first of `input_ids`, so a
+    prompt run as [document] then [question] is split the same way whether or not the document's part
+    was kept from an earlier question: that is what makes a follow-up equal a one-shot answer.
     """
     n = input_ids.shape[1]
+    cache.capacity = max(cache.capacity, cache.seq_length() + n)  # allocate each layer once
     hidden = None
-    for start in range(0, n, chunk_size):
-        end = min(start + chunk_size, n)
+    for start in range(0, n, prefill_chunk):
+        end = min(start + prefill_chunk, n)
         hidden = arch.embed(input_ids[:, start:end])
-        position_embeddings = arch.rotary(hidden, position_ids[:, start:end])
-        past = cache.seq_length()
-        mask = arch.attention_mask(end - start, past + end - start, hidden.dtype, hidden.device)
-        for i in range(arch.num_layers):
-            hidden = arch.run_layer(i, hidden, position_embeddings, cache, mask)
+        hidden = arch.forward(hidden, arch.rotary(hidden, positions[:, start:end]), cache)
         progress(stage, end, n)
-    return arch.logits(arch.final_norm(hidden[:, -1:]))[:, -1]
+    return arch.head(hidden)
 
 
 def reread_kept(
-    arch: Arch, layout, kept_context: torch.Tensor, chunk_size: int, progress: ProgressHook = no_progress
+    arch: Arch, layout, kept_context: torch.Tensor, prefill_chunk: int, progress: ProgressHook = no_progress
 ) -> tuple[KVCache, int, torch.Tensor]:
     """Prefill [prefix | kept context rows | suffix] through the whole model at fresh positions 0..m-1.
 
     The second pass of GemFilter and of the RAG baseline; returns (cache, m, last logits).
     """
-    n = len(layout)
-    kept = keep_index(layout.prefix_len, layout.context_len, n, kept_context.to(arch.device))
+    kept = layout.keep_index(kept_context.to(arch.device))
     input_ids = layout.input_ids(arch.device)[:, kept]
     m = input_ids.shape[1]
     cache = KVCache(arch.num_layers)
-    logits = run_model(arch, input_ids, torch.arange(m, device=arch.device)[None], cache, chunk_size, progress)
+    logits = run_model(arch, input_ids, torch.arange(m, device=arch.device)[None], cache, prefill_chunk, progress)
     return cache, m, logits
-
-
-class Timer:
-    """Wall time and peak GPU memory above the starting point, synchronised on CUDA."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self) -> Timer:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self.start
-        self.peak_bytes = torch.cuda.max_memory_allocated() - self.base if self.cuda else None

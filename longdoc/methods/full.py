@@ -1,4 +1,4 @@
-"""full: the ordinary prefill of the whole prompt, the quality ceiling inside the model's window."""
+"""Full: the ordinary prefill of the whole prompt, the quality ceiling inside the model's window."""
 
 from __future__ import annotations
 
@@ -10,36 +10,43 @@ from ..arch import Arch
 from ..cache import KVCache
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
-from ..prompt import PromptLayout
-from .base import Prefilled, Timer, run_model
+from .base import Method, Prefill, run_model
 
 
 @dataclass(frozen=True)
-class FullConfig:
-    """Prefill every token; `chunk_size` bounds activation memory without changing what is attended."""
+class Full(Method):
+    """Prefill every token; `prefill_chunk` bounds activation memory without changing what is attended."""
 
-    chunk_size: int = 8192
+    prefill_chunk: int = 8192  # tokens per forward chunk
+    past_window: bool = False  # run on prompts longer than the trained window anyway (for comparisons)
 
     name = "full"
+    reusable = True  # the document's cache is the same whatever the question
 
     def __post_init__(self) -> None:
-        if self.chunk_size < 1:
-            raise LongDocError(f"chunk_size must be at least 1, got {self.chunk_size}")
+        if self.prefill_chunk < 1:
+            raise LongDocError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
 
-    def prefill(self, arch: Arch, layout: PromptLayout, progress: ProgressHook = no_progress) -> Prefilled:
-        n = len(layout)
+    def reading_layers(self, arch: Arch) -> int:
+        return arch.num_layers
+
+    def read(self, arch: Arch, input_ids: torch.Tensor, progress: ProgressHook = no_progress) -> KVCache:
+        """Every layer's keys and values of [prefix | document] (1, L)."""
+        cache = KVCache(arch.num_layers)
+        run_model(arch, input_ids, _positions(0, input_ids, arch), cache, self.prefill_chunk, progress, "reading")
+        return cache
+
+    def prefill(
+        self, arch: Arch, layout, progress: ProgressHook = no_progress, reading: KVCache | None = None
+    ) -> Prefill:
+        n, split = len(layout), layout.reading_len
         arch.check_span(n)
         input_ids = layout.input_ids(arch.device)
-        with Timer(arch.device) as timer:
-            cache = KVCache(arch.num_layers)
-            positions = torch.arange(n, device=arch.device)[None]
-            logits = run_model(arch, input_ids, positions, cache, self.chunk_size, progress)
-        return Prefilled(
-            cache=cache,
-            next_position=n,
-            last_logits=logits,
-            tokens_in=n,
-            tokens_kept=n,
-            prefill_seconds=timer.seconds,
-            peak_memory_bytes=timer.peak_bytes,
-        )
+        cache = reading.fork() if reading is not None else self.read(arch, input_ids[:, :split], progress)
+        rest = input_ids[:, split:]
+        logits = run_model(arch, rest, _positions(split, rest, arch), cache, self.prefill_chunk, progress)
+        return Prefill(cache=cache, next_position=n, last_logits=logits)
+
+
+def _positions(start: int, input_ids: torch.Tensor, arch: Arch) -> torch.Tensor:
+    return torch.arange(start, start + input_ids.shape[1], device=arch.device)[None]

@@ -22,9 +22,8 @@ from ..arch import Arch
 from ..cache import KVCache
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
-from ..prompt import PromptLayout
 from ..scores import causal_window_probs
-from .base import Prefilled, Timer, reread_kept, strongest
+from .base import Method, Prefill, reread_kept, strongest
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +51,22 @@ def default_filter_layer(arch: Arch) -> tuple[int, str]:
 
 
 @dataclass(frozen=True)
-class GemFilterConfig:
+class GemFilter(Method):
+    """Early layers pick the tokens that matter; the whole model re-reads only those."""
+
     top_k: int = 1024  # context tokens kept
     filter_layer: int | None = None  # None: known table, else about 0.4 of depth
     pool_kernel: int = 5
     query_tokens: int = 1  # score with the last w queries (summed); the paper uses 1
-    chunk_size: int = 8192  # sequence chunk of the second (full-model) pass
+    prefill_chunk: int = 8192  # tokens per forward chunk, in both passes
     # "logits": the paper's raw q.k summed over heads. "softmax": each head's attention probabilities
     # summed over heads, for models where a few retrieval heads are swamped by other heads' large logits.
     score: str = "logits"
+    past_window: bool = False  # run on prompts longer than the trained window anyway (for comparisons)
 
     name = "gemfilter"
+    reusable = True  # layers 0..r over [prefix | document] do not depend on the question
+    budget_option = "top_k"
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -73,8 +77,8 @@ class GemFilterConfig:
             raise LongDocError(f"query_tokens must be at least 1, got {self.query_tokens}")
         if self.filter_layer is not None and self.filter_layer < 0:
             raise LongDocError(f"filter_layer must be 0 or more, got {self.filter_layer}")
-        if self.chunk_size < 1:
-            raise LongDocError(f"chunk_size must be at least 1, got {self.chunk_size}")
+        if self.prefill_chunk < 1:
+            raise LongDocError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
         if self.score not in SCORES:
             raise LongDocError(f"score must be one of {', '.join(SCORES)}, got '{self.score}'")
 
@@ -88,57 +92,75 @@ class GemFilterConfig:
             )
         return self.filter_layer, f"filter layer {self.filter_layer} (as configured)"
 
-    def prefill(self, arch: Arch, layout: PromptLayout, progress: ProgressHook = no_progress) -> Prefilled:
+    def reading_layers(self, arch: Arch) -> int:
+        """Layers 0..r-1 with keys and values, and layer r with keys only (values of width 0)."""
+        return self.resolve_layer(arch)[0] + 1
+
+    @torch.inference_mode()
+    def read(self, arch: Arch, input_ids: torch.Tensor, progress: ProgressHook = no_progress) -> KVCache:
+        """Layers 0..r-1's keys and values and layer r's keys of [prefix | document] (1, L)."""
+        layer, _ = self.resolve_layer(arch)
+        cache = KVCache(arch.num_layers)
+        hidden = arch.embed(input_ids)
+        rows = arch.rotary(hidden, torch.arange(input_ids.shape[1], device=hidden.device)[None])
+        chunks = _chunks(0, input_ids.shape[1], self.prefill_chunk)
+        self._filter_layers(arch, hidden, rows, cache, layer, chunks, True, progress)
+        for start, end in chunks:
+            keys = arch.keys(layer, hidden[:, start:end], _rows(rows, start, end))
+            cache.update(keys, keys[..., :0], layer)
+        return cache
+
+    @torch.inference_mode()
+    def prefill(
+        self, arch: Arch, layout, progress: ProgressHook = no_progress, reading: KVCache | None = None
+    ) -> Prefill:
         layer, why = self.resolve_layer(arch)
-        n = len(layout)
+        n, split = len(layout), layout.reading_len
         arch.check_span(n)
-        with Timer(arch.device) as timer:
-            scores = self.token_scores(arch, layout.input_ids(arch.device), layer, progress)
-            p, c = layout.prefix_len, layout.context_len
-            context_scores = scores[p : p + c]
-            kept_context = strongest(context_scores, self.top_k)
-            cache, m, logits = reread_kept(arch, layout, kept_context, self.chunk_size, progress)
+        scores, capped = self.token_scores(arch, layout.input_ids(arch.device), split, layer, reading, progress)
+        p, c = layout.prefix_len, layout.context_len
+        context_scores = scores[p : p + c].masked_fill(layout.protected_mask(scores.device), float("-inf"))
+        kept_context = strongest(context_scores, min(self.top_k, c - len(layout.protected)))
+        cache, m, logits = reread_kept(arch, layout, kept_context, self.prefill_chunk, progress)
         log.info("gemfilter: %s; kept %d of %d tokens", why, m, n)
-        return Prefilled(
+        notes = [why] + ([f"gemfilter: scored with the question's last {capped} queries"] if capped else [])
+        return Prefill(
             cache=cache,
             next_position=m,
             last_logits=logits,
-            tokens_in=n,
-            tokens_kept=m,
             kept_context=kept_context.cpu(),
             context_scores=context_scores[kept_context].cpu(),
-            notes=[why],
-            prefill_seconds=timer.seconds,
-            peak_memory_bytes=timer.peak_bytes,
+            notes=notes,
         )
 
-    @torch.inference_mode()
     def token_scores(
-        self, arch: Arch, input_ids: torch.Tensor, layer: int, progress: ProgressHook = no_progress
-    ) -> torch.Tensor:
-        """Pooled selection score of every prompt token at `layer`, (n,) float32.
+        self,
+        arch: Arch,
+        input_ids: torch.Tensor,
+        split: int,
+        layer: int,
+        reading: KVCache | None = None,
+        progress: ProgressHook = no_progress,
+    ) -> tuple[torch.Tensor, int | None]:
+        """Pooled selection score of every prompt token at `layer`, (n,) float32; and the query rows if capped.
 
-        Layer by layer, each in sequence chunks: only the hidden states, one layer's keys and values
-        and one chunk's activations are alive, and no n x n scores are ever formed.
+        Rows [0, split) are the document's part (a reading's, when given) and [split, n) the question's,
+        each cut into chunks from its own start. Layer by layer, so without a reading only one layer's keys
+        and values, the hidden states and one chunk's activations are alive; no n x n scores are formed.
         """
         n = input_ids.shape[1]
-        hidden = arch.embed(input_ids)
-        cos, sin = arch.rotary(hidden, torch.arange(n, device=hidden.device)[None])
-        chunks = [(start, min(start + self.chunk_size, n)) for start in range(0, n, self.chunk_size)]
-        for i in range(layer):
-            cache = KVCache(arch.num_layers)  # this layer's keys and values only, dropped after it
-            for start, end in chunks:
-                mask = arch.attention_mask(end - start, end, hidden.dtype, hidden.device)
-                rows = (cos[:, start:end], sin[:, start:end])
-                hidden[:, start:end] = arch.run_layer(i, hidden[:, start:end], rows, cache, mask)
-            del cache
-            progress("filter", i + 1, layer + 1)
-        w = min(self.query_tokens, n)
-        queries = arch.queries(layer, hidden[:, n - w :], (cos[:, n - w :], sin[:, n - w :]))
-        keys = torch.cat(
-            [arch.keys(layer, hidden[:, start:end], (cos[:, start:end], sin[:, start:end])) for start, end in chunks],
-            dim=2,
-        )
+        first = split if reading is not None else 0  # the rows computed here
+        hidden = arch.embed(input_ids[:, first:])
+        rows = arch.rotary(hidden, torch.arange(first, n, device=hidden.device)[None])
+        chunks = _chunks(0, split - first, self.prefill_chunk) + _chunks(split - first, n - first, self.prefill_chunk)
+        cache = reading.fork() if reading is not None else KVCache(arch.num_layers)
+        self._filter_layers(arch, hidden, rows, cache, layer, chunks, reading is not None, progress)
+        for start, end in chunks:
+            keys = arch.keys(layer, hidden[:, start:end], _rows(rows, start, end))
+            cache.update(keys, keys[..., :0], layer)
+        keys = cache.layer(layer)[0]  # (1, Hkv, n, d): the document's from the reading, the question's just made
+        w = min(self.query_tokens, n - split)  # the question's rows: the same with or without a reading
+        queries = arch.queries(layer, hidden[:, -w:], _rows(rows, hidden.shape[1] - w, hidden.shape[1]))
         if self.score == "logits":
             batch, heads, _, d = queries.shape
             kv_heads = keys.shape[1]
@@ -148,5 +170,25 @@ class GemFilterConfig:
         else:
             scores = causal_window_probs(queries, keys).sum((1, 2, 3))
         pooled = F.avg_pool1d(scores[:, None], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
-        progress("filter", layer + 1, layer + 1)
-        return pooled[0, 0]
+        return pooled[0, 0], (w if w < self.query_tokens else None)
+
+    def _filter_layers(self, arch, hidden, rows, cache, layer, chunks, keep: bool, progress=no_progress) -> None:
+        """Layers 0..layer-1 over `hidden` in place, layer by layer, each in `chunks`; keep or free each layer."""
+        steps = max(1, layer * len(chunks))
+        for i in range(layer):
+            for j, (start, end) in enumerate(chunks):
+                hidden[:, start:end] = arch.forward(
+                    hidden[:, start:end], _rows(rows, start, end), cache, layers=range(i, i + 1)
+                )
+                progress("filter", i * len(chunks) + j + 1, steps)
+            if not keep:
+                cache.free(i)
+
+
+def _chunks(start: int, end: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + size, end)) for s in range(start, end, size)]
+
+
+def _rows(position_embeddings, start: int, end: int):
+    cos, sin = position_embeddings
+    return cos[:, start:end], sin[:, start:end]

@@ -31,7 +31,7 @@ from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
 from ..scores import last_token_logits
-from .base import Prefilled, Timer, keep_index, strongest
+from .base import Method, Prefill, keep_index, strongest
 
 DEFAULT_CHUNK_CAP = 4096
 OFFLOAD_MIN_LEAVES = 8
@@ -72,7 +72,7 @@ class ChunkState:
         index = keep_index(self.prefix_len, self.context_len, self.hidden.shape[1], rows)
         self.hidden = self.hidden[:, index]
         self.positions = self.positions[:, index]
-        self.cache.select(index)
+        self.cache.keep(index)
         self.context_index = self.context_index[rows.to(self.context_index.device)]
         self.context_scores = scores[rows].cpu()
 
@@ -101,7 +101,9 @@ def default_chunk_len(arch: Arch) -> int:
 
 
 @dataclass(frozen=True)
-class HomerConfig:
+class Homer(Method):
+    """Hierarchical chunk merging with token reduction: reads past the trained window in log(n) memory."""
+
     max_chunk_len: int | None = None  # tokens per chunk incl. prefix and suffix; default min(window/2, 4096)
     target_len: int | None = None  # tokens the root keeps; default max_chunk_len
     warmup_layers: int | None = None  # default round(0.375 * layers), the reference's 12 of 32
@@ -114,6 +116,7 @@ class HomerConfig:
     offload: bool | None = None
 
     name = "homer"
+    reads_past_window = True
 
     def __post_init__(self) -> None:
         for field_name in ("max_chunk_len", "target_len"):
@@ -143,7 +146,8 @@ class HomerConfig:
             raise LongDocError(f"max_chunk_len {chunk} exceeds the model's {window}-token window")
         return chunk, target, warmup
 
-    def prefill(self, arch: Arch, layout: PromptLayout, progress: ProgressHook = no_progress) -> Prefilled:
+    def prefill(self, arch: Arch, layout: PromptLayout, progress: ProgressHook = no_progress, reading=None) -> Prefill:
+        """The merge tree depends on the question (every chunk carries it), so nothing is reused from a reading."""
         chunk_len_max, target, warmup = self.resolve(arch, layout)
         p, c, s = layout.prefix_len, layout.context_len, layout.suffix_len
         eff = chunk_len_max - p - s
@@ -157,16 +161,12 @@ class HomerConfig:
         auto = arch.device.type == "cuda" and num_chunks > AUTO_OFFLOAD_CHUNKS
         offload = self.offload if self.offload is not None else auto
         run = _Run(arch, layout, schedule, chunk_len, num_chunks, eff // 2, target - p - s, progress, bias, offload)
-        with Timer(arch.device) as timer:
-            root = run.subtree(0, num_chunks, level=height)
-            logits = arch.logits(arch.final_norm(root.hidden[:, -1:]))[:, -1]
-        kept = root.hidden.shape[1]
-        return Prefilled(
+        root = run.subtree(0, num_chunks, level=height)
+        logits = arch.head(root.hidden)
+        return Prefill(
             cache=root.cache,
             next_position=int(root.positions[0, -1]) + 1,
             last_logits=logits,
-            tokens_in=len(layout),
-            tokens_kept=kept,
             kept_context=root.context_index.cpu(),
             context_scores=root.context_scores,
             notes=[
@@ -179,13 +179,11 @@ class HomerConfig:
             ],
             details=dict(
                 chunks=num_chunks,
-                chunk_len=chunk_len,
+                chunk_context_len=chunk_len,
                 schedule=[(b.start, b.stop) for b in schedule],
                 max_alive_states=run.max_alive,
                 positions=root.positions[0].tolist(),
             ),
-            prefill_seconds=timer.seconds,
-            peak_memory_bytes=timer.peak_bytes,
         )
 
 
@@ -201,6 +199,7 @@ class _Run:
         self.progress = progress
         self.alive = self.max_alive = self.leaves_done = 0
         self.ids = layout.input_ids(arch.device)[0]
+        self.protected = layout.protected_mask(arch.device)
 
     @torch.inference_mode()
     def subtree(self, lo: int, hi: int, level: int) -> ChunkState | None:
@@ -249,17 +248,28 @@ class _Run:
         """Run `layers` over the chunk, then keep the `keep` context tokens its last token attends to most."""
         arch = self.arch
         position_embeddings = arch.rotary(state.hidden, state.positions)
-        n = state.hidden.shape[1]
-        mask = arch.attention_mask(n, n, state.hidden.dtype, state.hidden.device)
-        for i in layers:
-            layer_input = state.hidden
-            state.hidden = arch.run_layer(i, state.hidden, position_embeddings, state.cache, mask)
+        # [prefix | context] then the suffix, as full's prefill splits a prompt (prompt.py: reading_len), so one
+        # chunk equals full bit for bit. The suffix's inputs to the block's last layer give the scoring query.
+        inputs = {}
+        split = state.hidden.shape[1] - state.suffix_len
+        cos, sin = position_embeddings
+        head = arch.forward(state.hidden[:, :split], (cos[:, :split], sin[:, :split]), state.cache, layers)
+        tail = arch.forward(
+            state.hidden[:, split:],
+            (cos[:, split:], sin[:, split:]),
+            state.cache,
+            layers,
+            tap=lambda i, hidden: inputs.update(last=hidden),
+        )
+        state.hidden = torch.cat([head, tail], dim=1)
+        layer_input = inputs["last"]
         if layers.start == 0:
             self.leaves_done += 1
             self.progress("homer", self.leaves_done, self.num_chunks)
         scores = self.scores(state, layers[-1], layer_input, position_embeddings)
         context_scores = scores[state.prefix_len : state.prefix_len + state.context_len]
-        state.keep(strongest(context_scores, keep), context_scores)
+        protected = self.protected[state.context_index.to(self.protected.device)]
+        state.keep(strongest(context_scores.masked_fill(protected, float("inf")), keep), context_scores)
 
     def scores(self, state: ChunkState, layer: int, layer_input, position_embeddings) -> torch.Tensor:
         """Max over heads of the last token's attention logit q.k/sqrt(d) to every token, (n,) float32.
@@ -295,7 +305,7 @@ def merge(left: ChunkState, right: ChunkState) -> ChunkState:
         rk, rv = right.cache.layer(i)
         cache.set_layer(i, join(lk, rk, 2), join(lv, rv, 2))
         for child in (left, right):  # free each child layer once joined: peak is one layer, not a whole copy
-            child.cache.keys[i] = child.cache.values[i] = None
+            child.cache.free(i)
         del lk, lv, rk, rv
     positions = torch.cat(
         [

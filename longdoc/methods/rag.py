@@ -15,19 +15,24 @@ from ..arch import Arch
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
-from .base import Prefilled, Timer, reread_kept
+from .base import Method, Prefill, reread_kept
 
 
 @dataclass(frozen=True)
-class RagConfig:
+class Rag(Method):
+    """BM25 passages up to GemFilter's budget: the retrieval baseline on the same engine."""
+
     top_k: int = 1024  # context tokens kept (GemFilter's budget)
     passage_tokens: int = 128
-    chunk_size: int = 8192
+    prefill_chunk: int = 8192  # tokens per forward chunk
 
     name = "rag"
+    reads_past_window = True  # only the retrieved passages are read
+    needs_question_text = True
+    budget_option = "top_k"
 
     def __post_init__(self) -> None:
-        for field_name in ("top_k", "passage_tokens", "chunk_size"):
+        for field_name in ("top_k", "passage_tokens", "prefill_chunk"):
             if getattr(self, field_name) < 1:
                 raise LongDocError(f"{field_name} must be at least 1, got {getattr(self, field_name)}")
 
@@ -49,34 +54,29 @@ class RagConfig:
         scores = retriever.get_scores(query_tokens_single=[*query.vocab])
         return passages, [float(x) for x in scores]
 
-    def prefill(self, arch: Arch, layout: PromptLayout, progress: ProgressHook = no_progress) -> Prefilled:
+    def prefill(self, arch: Arch, layout: PromptLayout, progress: ProgressHook = no_progress, reading=None) -> Prefill:
         if layout.question is None:
             raise LongDocError("the rag baseline needs the question text in the prompt layout")
-        with Timer(arch.device) as timer:
-            passages, scores = self.rank(layout, layout.question)
-            order = sorted(range(len(passages)), key=lambda i: -scores[i])
-            chosen, used = [], 0
-            for i in order:
-                if used >= self.top_k:
-                    break
-                first, end = passages[i]
-                end = min(end, first + self.top_k - used)
-                chosen.append((first, end, scores[i]))
-                used += end - first
-            chosen.sort()
-            kept_context = torch.cat([torch.arange(first, end) for first, end, _ in chosen])
-            context_scores = torch.cat([torch.full((end - first,), score) for first, end, score in chosen])
-            arch.check_span(layout.prefix_len + kept_context.numel() + layout.suffix_len)
-            cache, m, logits = reread_kept(arch, layout, kept_context, self.chunk_size, progress)
-        return Prefilled(
+        passages, scores = self.rank(layout, layout.question)
+        order = sorted(range(len(passages)), key=lambda i: -scores[i])
+        chosen, used = [], 0
+        for i in order:
+            if used >= self.top_k:
+                break
+            first, end = passages[i]
+            end = min(end, first + self.top_k - used)
+            chosen.append((first, end, scores[i]))
+            used += end - first
+        chosen.sort()
+        kept_context = torch.cat([torch.arange(first, end) for first, end, _ in chosen])
+        context_scores = torch.cat([torch.full((end - first,), score) for first, end, score in chosen])
+        arch.check_span(layout.prefix_len + kept_context.numel() + layout.suffix_len)
+        cache, m, logits = reread_kept(arch, layout, kept_context, self.prefill_chunk, progress)
+        return Prefill(
             cache=cache,
             next_position=m,
             last_logits=logits,
-            tokens_in=len(layout),
-            tokens_kept=m,
             kept_context=kept_context,
             context_scores=context_scores,
             notes=[f"rag: {len(chosen)} of {len(passages)} passages of {self.passage_tokens} tokens (BM25)"],
-            prefill_seconds=timer.seconds,
-            peak_memory_bytes=timer.peak_bytes,
         )

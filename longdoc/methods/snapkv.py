@@ -19,80 +19,81 @@ from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
 from ..scores import causal_window_probs
-from .base import Prefilled, Timer, run_model, strongest
+from .base import Method, Prefill, run_model, strongest
 
 
 @dataclass(frozen=True)
-class SnapKVConfig:
-    top_k: int = 1024  # context keys kept per KV head (GemFilter's budget)
+class SnapKV(Method):
+    """Full prefill, then each KV head of each layer keeps the keys the question's last tokens attend to most."""
+
+    keys_per_head: int = 1024  # context keys kept per KV head and layer (GemFilter's top_k, per head)
     window: int = 32  # observation window: the last prompt tokens, always kept
     pool_kernel: int = 5
-    chunk_size: int = 8192
+    prefill_chunk: int = 8192  # tokens per forward chunk
+    past_window: bool = False  # run on prompts longer than the trained window anyway (for comparisons)
 
     name = "snapkv"
+    budget_option = "keys_per_head"
 
     def __post_init__(self) -> None:
-        for field_name in ("top_k", "window", "pool_kernel", "chunk_size"):
+        for field_name in ("keys_per_head", "window", "pool_kernel", "prefill_chunk"):
             if getattr(self, field_name) < 1:
                 raise LongDocError(f"{field_name} must be at least 1, got {getattr(self, field_name)}")
         if self.pool_kernel % 2 == 0:
             raise LongDocError(f"pool_kernel must be odd, got {self.pool_kernel}")
 
     @torch.inference_mode()
-    def prefill(self, arch: Arch, layout: PromptLayout, progress: ProgressHook = no_progress) -> Prefilled:
+    def prefill(self, arch: Arch, layout: PromptLayout, progress: ProgressHook = no_progress, reading=None) -> Prefill:
+        """The window's vote depends on the question, so the compression is redone for every question."""
         n, p = len(layout), layout.prefix_len
         arch.check_span(n)
         w = min(self.window, n - p)
         input_ids = layout.input_ids(arch.device)
         positions = torch.arange(n, device=arch.device)[None]
-        with Timer(arch.device) as timer:
-            cache = KVCache(arch.num_layers)
-            if n - w:
-                run_model(arch, input_ids[:, : n - w], positions[:, : n - w], cache, self.chunk_size, progress)
-            # The window runs last so its queries can be taken at every layer.
-            hidden = arch.embed(input_ids[:, n - w :])
-            position_embeddings = arch.rotary(hidden, positions[:, n - w :])
-            mask = arch.attention_mask(w, n, hidden.dtype, hidden.device)
-            votes = torch.zeros(n - w - p, device=arch.device)
-            selections = []
-            for i in range(arch.num_layers):
-                queries = arch.queries(i, hidden, position_embeddings)
-                hidden = arch.run_layer(i, hidden, position_embeddings, cache, mask)
-                keys, values = cache.layer(i)
-                # The window's attention summed over its rows, averaged over each KV head's query heads.
-                head_scores = causal_window_probs(queries, keys).sum(3).mean(2)[..., p : n - w]  # (1, Hkv, n - w - p)
-                pooled = F.avg_pool1d(head_scores[0], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
-                k = min(self.top_k, pooled.shape[-1])
-                chosen = pooled.topk(k, dim=-1).indices.sort(-1).values + p  # (kv_heads, k)
-                votes += pooled.sum(0)
-                index = torch.cat(
-                    [
-                        torch.arange(p, device=arch.device).expand(chosen.shape[0], p),
-                        chosen,
-                        torch.arange(n - w, n, device=arch.device).expand(chosen.shape[0], w),
-                    ],
-                    dim=1,
-                )
-                selections.append(index)
-                progress("snapkv", i + 1, arch.num_layers)
-            logits = arch.logits(arch.final_norm(hidden[:, -1:]))[:, -1]
-            for i, index in enumerate(selections):
-                keys, values = cache.layer(i)
-                gather = index[None, :, :, None].expand(1, -1, -1, keys.shape[-1])
-                cache.set_layer(i, keys.gather(2, gather), values.gather(2, gather))
+        cache = KVCache(arch.num_layers)
+        if n - w:
+            run_model(arch, input_ids[:, : n - w], positions[:, : n - w], cache, self.prefill_chunk, progress)
+        # The window runs last so its queries can be taken at every layer.
+        hidden = arch.embed(input_ids[:, n - w :])
+        position_embeddings = arch.rotary(hidden, positions[:, n - w :])
+        scored = n - w - p  # rows that vote can choose: after the prefix, before the window
+        protected = torch.zeros(scored, dtype=torch.bool, device=arch.device)
+        protected[: min(scored, layout.context_len)] = layout.protected_mask(arch.device)[:scored]
+        votes = torch.zeros(scored, device=arch.device)
+        selections = []
+
+        def vote(i: int, layer_input: torch.Tensor) -> None:
+            """Before layer i: remember its window queries; after it (at the next call) score its keys."""
+            selections.append(arch.queries(i, layer_input, position_embeddings))
+
+        hidden = arch.forward(hidden, position_embeddings, cache, tap=vote)
+        for i, queries in enumerate(selections):
+            keys, _ = cache.layer(i)
+            # The window's attention summed over its rows, averaged over each KV head's query heads.
+            head_scores = causal_window_probs(queries, keys).sum(3).mean(2)[..., p : n - w]  # (1, Hkv, n - w - p)
+            pooled = F.avg_pool1d(head_scores[0], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
+            votes += pooled.sum(0)
+            k = min(self.keys_per_head, pooled.shape[-1])
+            chosen = pooled.masked_fill(protected, float("inf")).topk(k, dim=-1).indices.sort(-1).values + p
+            index = torch.cat(
+                [
+                    torch.arange(p, device=arch.device).expand(chosen.shape[0], p),
+                    chosen,
+                    torch.arange(n - w, n, device=arch.device).expand(chosen.shape[0], w),
+                ],
+                dim=1,
+            )
+            cache.keep(index, layers=[i])
+            progress("snapkv", i + 1, arch.num_layers)
+        logits = arch.head(hidden)
         # Evidence: the context tokens with the most votes over layers and heads.
-        context_votes = votes[: layout.context_len]
-        kept_context = strongest(context_votes, self.top_k)
-        m = cache.seq_length()
-        return Prefilled(
+        context_votes = votes[: layout.context_len].masked_fill(protected[: layout.context_len], float("-inf"))
+        kept_context = strongest(context_votes, min(self.keys_per_head, layout.compressible))
+        return Prefill(
             cache=cache,
             next_position=n,
             last_logits=logits,
-            tokens_in=n,
-            tokens_kept=m,
             kept_context=kept_context.cpu(),
             context_scores=context_votes[kept_context].cpu(),
-            notes=[f"snapkv: {self.top_k} keys per KV head + {w}-token window, per layer"],
-            prefill_seconds=timer.seconds,
-            peak_memory_bytes=timer.peak_bytes,
+            notes=[f"snapkv: {self.keys_per_head} keys per KV head + {w}-token window, per layer"],
         )

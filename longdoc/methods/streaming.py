@@ -16,44 +16,43 @@ from ..cache import KVCache
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
-from .base import Prefilled, Timer, keep_index, run_model
+from .base import Method, Prefill, run_model
 
 SINKS = 4
 
 
 @dataclass(frozen=True)
-class StreamingConfig:
+class Streaming(Method):
+    """Attention sinks plus the most recent context tokens: the StreamingLLM baseline at GemFilter's budget."""
+
     top_k: int = 1024  # recent context tokens kept (GemFilter's budget)
-    chunk_size: int = 8192
+    prefill_chunk: int = 8192  # tokens per forward chunk
+    past_window: bool = False  # run on prompts longer than the trained window anyway (for comparisons)
 
     name = "streaming"
+    budget_option = "top_k"
 
     def __post_init__(self) -> None:
-        for field_name in ("top_k", "chunk_size"):
+        for field_name in ("top_k", "prefill_chunk"):
             if getattr(self, field_name) < 1:
                 raise LongDocError(f"{field_name} must be at least 1, got {getattr(self, field_name)}")
 
-    def prefill(self, arch: Arch, layout: PromptLayout, progress: ProgressHook = no_progress) -> Prefilled:
+    def prefill(self, arch: Arch, layout: PromptLayout, progress: ProgressHook = no_progress, reading=None) -> Prefill:
         n, p, c = len(layout), layout.prefix_len, layout.context_len
         arch.check_span(n)
         positions = torch.arange(n, device=arch.device)[None]
-        with Timer(arch.device) as timer:
-            cache = KVCache(arch.num_layers)
-            logits = run_model(arch, layout.input_ids(arch.device), positions, cache, self.chunk_size, progress)
-            # Sinks: the prefix, or the first SINKS context tokens when the prefix is shorter.
-            sinks = max(0, min(SINKS - p, c))
-            recent = torch.arange(max(sinks, c - self.top_k), c, device=arch.device)
-            kept_context = torch.cat([torch.arange(sinks, device=arch.device), recent])
-            cache.select(keep_index(p, c, n, kept_context))
-        return Prefilled(
+        cache = KVCache(arch.num_layers)
+        logits = run_model(arch, layout.input_ids(arch.device), positions, cache, self.prefill_chunk, progress)
+        # Sinks: the prefix, or the first SINKS context tokens when the prefix is shorter.
+        sinks = max(0, min(SINKS - p, c))
+        recent = torch.arange(max(sinks, c - self.top_k), c, device=arch.device)
+        kept_context = torch.cat([torch.arange(sinks, device=arch.device), recent])
+        cache.keep(layout.keep_index(kept_context))
+        return Prefill(
             cache=cache,
             next_position=n,
             last_logits=logits,
-            tokens_in=n,
-            tokens_kept=cache.seq_length(),
             kept_context=kept_context.cpu(),
             context_scores=kept_context.float().cpu(),  # more recent ranks higher
             notes=[f"streaming: {max(p, SINKS)} sink tokens + the last {recent.numel()} context tokens"],
-            prefill_seconds=timer.seconds,
-            peak_memory_bytes=timer.peak_bytes,
         )

@@ -1,0 +1,220 @@
+"""A document read once, asked many questions; the engine's store of recent readings.
+
+Attention is causal, so a method's work on [prefix | document] does not depend on a question that
+comes after it. A reusable method (`Method.reusable`: full, gemfilter) keeps that work in a
+`Reading`: full keeps every layer's keys and values, gemfilter layers 0..r. A question then runs only
+its own tokens over it. Every prompt is computed as [0, reading_len) then the rest (see prompt.py),
+whether or not the first part comes from a reading, so a follow-up equals a one-shot answer token
+for token. Methods whose reduction depends on the question (homer, snapkv, streaming, rag) keep only
+the tokens and recompute per question, and say so.
+
+The store keeps recent readings by (method settings, token ids), within a memory budget: on the
+model's device first, then in host memory, least recently used evicted. Every entry point (Python,
+CLI, LangChain, LlamaIndex) goes through it, so repeating a document reuses its reading unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .cache import KVCache
+from .errors import LongDocError
+from .methods import Method
+
+ROOM = 1024  # spare rows a reading's cache keeps, so a question and its answer append without a copy
+FORMAT = 1  # saved reading layout version
+
+
+def ids_digest(ids: list[int]) -> str:
+    return hashlib.sha256(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
+
+
+@dataclass
+class ReadingCache:
+    """The question-independent work of one method on one prompt head: token ids [0, L) and, if reusable, a cache."""
+
+    method: Method
+    ids: list[int]
+    cache: KVCache | None  # None for methods that recompute per question
+    seconds: float = 0.0  # time it took to read
+    in_use: bool = field(default=False, repr=False)
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes() if self.cache is not None else 0
+
+    @property
+    def device(self) -> str:
+        if self.cache is None or self.cache.keys[0] is None:
+            return "none"
+        return self.cache.keys[0].device.type
+
+    def matches(self, ids: list[int]) -> bool:
+        return len(ids) >= self.length and ids[: self.length] == self.ids
+
+    def lease(self, device: torch.device) -> KVCache | None:
+        """A cache one question may append to. The first lease shares the buffers; one taken while another is
+        out (an unfinished stream) is a copy, so two questions never write the same rows."""
+        if self.cache is None:
+            return None
+        if self.in_use or self.device != device.type:
+            return self.cache.to(device).with_room(ROOM)
+        self.in_use = True
+        return self.cache.fork()
+
+    def release(self) -> None:
+        self.in_use = False
+
+    def to(self, device: torch.device | str) -> None:
+        """Move the cache (host memory is pinned on a GPU machine, so a later copy back is fast)."""
+        if self.cache is None:
+            return
+        moved = self.cache.to(device)
+        if str(device) == "cpu" and torch.cuda.is_available():
+            for i in range(moved.num_layers):
+                if moved.keys[i] is not None:
+                    moved.keys[i], moved.values[i] = moved.keys[i].pin_memory(), moved.values[i].pin_memory()
+        self.cache = moved
+
+
+class ReadingStore:
+    """Recent readings by (method settings, token ids), within `device_bytes` on the model's device and
+    `host_bytes` in host memory; least recently used moves to the host, then out."""
+
+    def __init__(self, device_bytes: int, host_bytes: int, device_type: str = "cpu") -> None:
+        self.device_bytes, self.host_bytes = device_bytes, host_bytes
+        self.device_type = device_type  # the model's: readings there count against device_bytes
+        self.entries: OrderedDict[tuple[str, str], ReadingCache] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def find(self, method: Method, ids: list[int]) -> ReadingCache | None:
+        key = (method.describe(), ids_digest(ids))
+        reading = self.entries.get(key)
+        if reading is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return reading
+
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= max(self.device_bytes, self.host_bytes)
+
+    def add(self, reading: ReadingCache) -> None:
+        self.entries[(reading.method.describe(), ids_digest(reading.ids))] = reading
+        self._balance()
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def used(self, where: str) -> int:
+        return sum(r.nbytes for r in self.entries.values() if self._on_host(r) == (where == "host"))
+
+    def _on_host(self, reading: ReadingCache) -> bool:
+        return reading.device == "cpu" and self.device_type != "cpu"
+
+    def _balance(self) -> None:
+        for key in list(self.entries):  # least recently used first
+            if self.used("device") <= self.device_bytes:
+                break
+            reading = self.entries[key]
+            if self._on_host(reading) or reading.in_use:
+                continue
+            if reading.nbytes <= self.host_bytes and self.device_type != "cpu":
+                reading.to("cpu")
+            else:
+                del self.entries[key]
+        for key in list(self.entries):
+            if self.used("host") <= self.host_bytes:
+                break
+            if self._on_host(self.entries[key]) and not self.entries[key].in_use:
+                del self.entries[key]
+
+
+def default_budgets(device: torch.device, weight_bytes: int) -> tuple[int, int]:
+    """(device, host) bytes for readings: half the GPU memory the weights leave, and a quarter of host memory."""
+    host = _host_memory() // 4
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return max(0, (total - weight_bytes) // 2), host
+    return host, 0  # on CPU the device is host memory
+
+
+def _host_memory() -> int:
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+# ----- saved readings: tensors in safetensors, facts in JSON; nothing is ever unpickled -----
+
+TENSORS, META = "reading.safetensors", "reading.json"
+
+
+def save(reading: ReadingCache, folder: Path, facts: dict) -> Path:
+    """Write the reading's cache (every filled layer's rows in use) and the facts it will be checked against."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"ids": torch.tensor(reading.ids, dtype=torch.int64)}
+    if reading.cache is not None:
+        for i in range(reading.cache.num_layers):
+            if reading.cache.keys[i] is not None:
+                keys, values = reading.cache.layer(i)
+                tensors[f"keys.{i}"], tensors[f"values.{i}"] = keys.contiguous().cpu(), values.contiguous().cpu()
+    save_file(tensors, str(folder / TENSORS))
+    meta = {**facts, "format": FORMAT, "ids_sha256": ids_digest(reading.ids), "tokens": reading.length}
+    (folder / META).write_text(json.dumps(meta, indent=1))
+    return folder
+
+
+def load(folder: Path, facts: dict, method: Method, num_layers: int, device: torch.device) -> ReadingCache:
+    """A saved reading, refused with one line if it was made by another model, method, version or is damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / META).is_file() or not (folder / TENSORS).is_file():
+        raise LongDocError(f"{folder} holds no saved reading ({META} and {TENSORS}); save one with reading.save")
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LongDocError(
+            f"the saved reading in {folder} is damaged ({META} is not JSON); read the document again"
+        ) from None
+    for name, want in {**facts, "format": FORMAT}.items():
+        if meta.get(name) != want:
+            raise LongDocError(
+                f"the saved reading in {folder} was made with {name} {meta.get(name)!r}, not {want!r}; "
+                "read the document again with this model and method"
+            )
+    try:
+        tensors = load_file(str(folder / TENSORS), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LongDocError(f"the saved reading in {folder} is damaged ({exc}); read the document again") from None
+    ids = tensors.pop("ids", torch.empty(0, dtype=torch.int64)).tolist()
+    if ids_digest(ids) != meta.get("ids_sha256"):
+        raise LongDocError(f"the saved reading in {folder} is damaged (its tokens do not match); read it again")
+    cache = None
+    if method.reusable:
+        cache = KVCache(num_layers, capacity=len(ids) + ROOM)
+        for i in range(num_layers):
+            if f"keys.{i}" in tensors:
+                keys, values = tensors[f"keys.{i}"].to(device), tensors[f"values.{i}"].to(device)
+                if keys.shape[-2] != len(ids):
+                    raise LongDocError(f"the saved reading in {folder} is damaged (layer {i}); read it again")
+                cache.update(keys, values, i)
+    return ReadingCache(method=method, ids=ids, cache=cache, seconds=0.0)
