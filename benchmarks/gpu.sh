@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmarks, run on the lent H100/H200 from the repo root: bash benchmarks/gpu.sh PART OUT
-# PART: speed (Llama-3.1-8B shape, 8K-128K, with transformers' own forward as yardstick) | homer-long (512K, 1M)
+# PART: speed (Llama-3.1-8B shape, 8K-128K, with transformers' own forward as yardstick) | reading (read once,
+#       ask 5: first and follow-up TTFT, reading size, save/load, 8K-128K) | homer-long (512K, 1M)
 #       | needle (bundled model, 1K-16K) | eval (bundled model, 200 samples per row)
 set -euo pipefail
 part=$1
@@ -11,6 +12,10 @@ case $part in
 speed)
     longdoc bench speed --shape llama-3.1-8b --lengths 8k,32k,64k,128k --methods full,gemfilter,homer,snapkv \
         --runs 3 --top-k 1024 --out "$out/speed" -q
+    ;;
+reading)
+    longdoc bench speed --shape llama-3.1-8b --lengths 8k,32k,128k --methods full,gemfilter --runs 1 --no-reference \
+        --top-k 1024 --questions 5 --out "$out/reading" -q
     ;;
 homer-long)
     longdoc bench speed --shape llama-3.1-8b --lengths 512k,1024k --methods homer --runs 1 --no-reference \

@@ -239,6 +239,9 @@ def speed(
         True, help="Also time transformers' own forward and model.generate at each length (row 'transformers')."
     ),
     top_k: int | None = typer.Option(None, help="Token budget of gemfilter, snapkv and streaming."),
+    questions: int = typer.Option(
+        0, help="Also read once, ask N questions (full, gemfilter): first and follow-up TTFT, reading size, save/load."
+    ),
     option: Options = None,
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (bf16 on CUDA, float32 on CPU)."),
     out: Annotated[Path, typer.Option(help="Folder for speed.json and speed.png.")] = Path("bench-out"),
@@ -249,7 +252,7 @@ def speed(
     def work():
         from longdoc.bench.plots import lines
         from longdoc.bench.shapes import SHAPES
-        from longdoc.bench.speed import speed_records
+        from longdoc.bench.speed import reading_records, speed_records
         from longdoc.model import resolve_device
 
         if shape not in SHAPES:
@@ -296,8 +299,33 @@ def speed(
             )
         stdout.print(table)
         err.print(f"wrote {path}", highlight=False)
+        if questions:
+            _reading_table(reading_records, shape, length_list, configs, questions, resolve_device(device), out)
 
     _run(work, out)
+
+
+def _reading_table(reading_records, shape, lengths, configs, questions, device, out: Path) -> None:
+    """Read once, ask `questions`: first vs follow-up TTFT, reading size, save/load, as a table and reading.json."""
+    reusable = {name: options for name, options in configs.items() if name in ("full", "gemfilter")}
+    records, info = reading_records(shape, lengths, reusable, questions, device, folder=str(out))
+    path = _write(out, "reading.json", dict(**info, records=records))
+    table = Table("tokens", "method", "first TTFT s", "follow-up TTFT s", "reading GiB", "save s", "load s")
+    for r in records:
+        if "first_ttft_seconds" not in r:
+            table.add_row(str(r["length"]), r["method"], "OOM" if r.get("oom") else r.get("error", ""), "", "", "", "")
+            continue
+        table.add_row(
+            str(r["length"]),
+            r["method"],
+            f"{r['first_ttft_seconds']:.3f}",
+            f"{r['follow_up_ttft_seconds']:.3f}",
+            f"{r['reading_bytes'] / 2**30:.2f}",
+            f"{r['save_seconds']:.2f}",
+            f"{r['load_seconds']:.2f}",
+        )
+    stdout.print(table)
+    err.print(f"wrote {path}", highlight=False)
 
 
 def _mean(values) -> float:

@@ -5,8 +5,9 @@
     chain = ChatPromptTemplate.from_messages([("system", "{context}"), ("human", "{question}")]) | chat
     LongDocQA(chat=chat).invoke({"documents": docs, "question": "When can either party terminate?"})
 
-Messages map to context and question as `longdoc.integrations.messages` documents: the last human
-message is the question, earlier system and human content is the context. One loaded model is
+Messages and prompts are laid out by the core (`longdoc.prompt.layout_messages` / `layout_completion`): the
+model's chat template renders them as given, message text is compressible except the last user message's
+head and tail (the question and answer cue), and repeated documents reuse their reading. One loaded model is
 shared by every object that names it (per model and device), so building these objects is cheap.
 `timeout` and `max_retries` are accepted for compatibility with LangChain's standard parameters;
 a local model makes no network calls, so they change nothing.
@@ -39,7 +40,6 @@ from longdoc import Answer, LongDoc
 from longdoc.documents import from_parts
 
 from .common import generation_options, load_engine
-from .messages import split_messages, split_prompt
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -141,8 +141,7 @@ class ChatLongDoc(_LongDocFields, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         engine, model = self._engine(kwargs)
-        context, question = split_messages(_pairs(messages))
-        answer = engine.ask(context, question, **self._generation(stop, kwargs))
+        answer = engine.ask_prompt(_pairs(messages), **self._generation(stop, kwargs))
         message = AIMessage(
             content=answer.text, usage_metadata=_usage(answer), response_metadata=_metadata(answer, model)
         )
@@ -156,8 +155,7 @@ class ChatLongDoc(_LongDocFields, BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         engine, model = self._engine(kwargs)
-        context, question = split_messages(_pairs(messages))
-        stream = engine.stream(context, question, **self._generation(stop, kwargs))
+        stream = engine.stream_prompt(_pairs(messages), **self._generation(stop, kwargs))
         for piece in stream:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager:
@@ -203,7 +201,7 @@ class LongDocLLM(_LongDocFields, BaseLLM):
         engine, model = self._engine(kwargs)
         generations, tokens_in, tokens_out = [], 0, 0
         for prompt in prompts:
-            answer = engine.ask(*split_prompt(prompt), **self._generation(stop, kwargs))
+            answer = engine.ask_prompt(prompt, **self._generation(stop, kwargs))
             generations.append([Generation(text=answer.text, generation_info=_metadata(answer, model))])
             tokens_in += answer.stats.tokens_in
             tokens_out += answer.stats.tokens_out
@@ -218,7 +216,7 @@ class LongDocLLM(_LongDocFields, BaseLLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         engine, model = self._engine(kwargs)
-        stream = engine.stream(*split_prompt(prompt), **self._generation(stop, kwargs))
+        stream = engine.stream_prompt(prompt, **self._generation(stop, kwargs))
         for piece in stream:
             chunk = GenerationChunk(text=piece)
             if run_manager:

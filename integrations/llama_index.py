@@ -6,7 +6,8 @@
     response = engine.query("When can either party terminate?")
     response.source_nodes  # the evidence: quote, file, page and offsets of the spans the method kept
 
-Messages and prompts map to context and question as `longdoc.integrations.messages` documents.
+Messages and prompts are laid out by the core (`longdoc.prompt.layout_messages` / `layout_completion`), so
+LlamaIndex's own QA and refine templates are compressed, and a repeated document reuses its reading.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from longdoc import Answer, LongDoc
 from longdoc.documents import Document, from_parts
 
 from .common import context_window, generation_options, load_engine
-from .messages import split_messages, split_prompt
 
 
 class LongDocLLM(CustomLLM):
@@ -81,10 +81,10 @@ class LongDocLLM(CustomLLM):
             kwargs.get("seed", self.seed),
         )
 
-    def _stream(self, context: str, question: str, kwargs: dict):
+    def _stream(self, prompt, kwargs: dict):
         """(text so far, new piece) pairs, then the finished Answer."""
         text = ""
-        stream = self._doc.stream(context, question, **self._options(kwargs))
+        stream = self._doc.stream_prompt(prompt, **self._options(kwargs))
         for piece in stream:
             text += piece
             yield text, piece
@@ -92,16 +92,13 @@ class LongDocLLM(CustomLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        context, question = split_prompt(prompt)
-        answer = self._doc.ask(context, question, **self._options(kwargs))
+        answer = self._doc.ask_prompt(prompt, **self._options(kwargs))
         return CompletionResponse(text=answer.text, raw=_raw(answer))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        context, question = split_prompt(prompt)
-
         def gen() -> CompletionResponseGen:
-            for item in self._stream(context, question, kwargs):
+            for item in self._stream(prompt, kwargs):
                 if isinstance(item, Answer):
                     yield CompletionResponse(text=item.text, delta="", raw=_raw(item))
                 else:
@@ -111,16 +108,13 @@ class LongDocLLM(CustomLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        context, question = split_messages(_pairs(messages))
-        answer = self._doc.ask(context, question, **self._options(kwargs))
+        answer = self._doc.ask_prompt(_pairs(messages), **self._options(kwargs))
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=answer.text), raw=_raw(answer))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        context, question = split_messages(_pairs(messages))
-
         def gen() -> ChatResponseGen:
-            for item in self._stream(context, question, kwargs):
+            for item in self._stream(_pairs(messages), kwargs):
                 if isinstance(item, Answer):
                     message = ChatMessage(role=MessageRole.ASSISTANT, content=item.text)
                     yield ChatResponse(message=message, delta="", raw=_raw(item))

@@ -307,7 +307,7 @@ class LongDoc:
         self, method: Method, head: list[int], progress: ProgressHook, keep: bool = False
     ) -> tuple[ReadingCache | None, str]:
         """The store's reading of `head` for this method, or a new one (kept if the budget allows, or `keep`)."""
-        if not method.reusable:
+        if not method.reusable or not head:
             return ReadingCache(method, head, None), "none"
         found = self.store.find(method, head)
         if found is not None:

@@ -143,6 +143,83 @@ def _one_run(arch: Arch, method, layout: PromptLayout, decode_tokens: int) -> di
     )
 
 
+def reading_records(
+    shape: str,
+    lengths: list[int],
+    methods: dict[str, dict],
+    questions: int = 5,
+    device: str = "cuda",
+    folder: str | None = None,
+    progress: ProgressHook = no_progress,
+) -> tuple[list[dict], dict]:
+    """Read once, ask `questions` times: the first question's TTFT (the reading included), the follow-ups' median
+    TTFT, the reading's bytes, and the time to save it to and load it from `folder` (a temporary one by default)."""
+    import tempfile
+    from pathlib import Path
+
+    from ..reading import ROOM, ReadingCache, load, save
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = random_model(shape, dev, dtype, ATTENTION)
+    arch = Arch(model)
+    info = dict(shape=shape, device=_device_name(dev), dtype=str(dtype).removeprefix("torch."))
+    records, total, done = [], len(lengths) * len(methods), 0
+    for length in lengths:
+        layouts = [synthetic_layout(length, model.config.vocab_size, seed=0)]
+        head = layouts[0].token_ids()[: layouts[0].reading_len]
+        for q in range(1, questions + 1):  # same document, another question of the same length
+            other = synthetic_layout(length, model.config.vocab_size, seed=q)
+            layouts.append(PromptLayout(head[: PREFIX], head[PREFIX:], other.suffix_ids, layouts[0].context_offsets,
+                                        layouts[0].context_text))  # fmt: skip
+        for name, options in methods.items():
+            method = parse_method(name, options)
+            record = dict(method=name, length=length, options=options, questions=questions)
+            if not method.reusable:
+                record.update(error=f"{name} recomputes per question")
+                records.append(record)
+                continue
+            try:
+                _free(dev)
+                with Measure(dev) as first:
+                    cache = method.read(arch, torch.tensor([head], device=dev))
+                    cache.with_room(ROOM)
+                    method.prefill(arch, layouts[0], reading=cache.fork())
+                follow = []
+                for layout in layouts[1:]:
+                    with Measure(dev) as measure:
+                        method.prefill(arch, layout, reading=cache.fork())
+                    follow.append(measure.seconds)
+                with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                    reading = ReadingCache(method, head, cache)
+                    start = time.perf_counter()
+                    save(reading, Path(tmp), {"shape": shape})
+                    saved = time.perf_counter() - start
+                    del reading, cache
+                    _free(dev)
+                    start = time.perf_counter()
+                    loaded = load(Path(tmp), {"shape": shape}, method, arch.num_layers, dev)
+                    _sync(dev)
+                    loaded_seconds = time.perf_counter() - start
+                record.update(
+                    oom=False,
+                    first_ttft_seconds=first.seconds,
+                    follow_up_ttft_seconds=statistics.median(follow),
+                    reading_bytes=loaded.nbytes,
+                    save_seconds=saved,
+                    load_seconds=loaded_seconds,
+                    peak_bytes_over_weights=first.peak_bytes,
+                )
+                del loaded
+            except torch.OutOfMemoryError:
+                record.update(oom=True)
+            records.append(record)
+            _free(dev)
+            done += 1
+            progress("reading", done, total)
+    return records, info
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

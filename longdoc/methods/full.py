@@ -33,7 +33,8 @@ class Full(Method):
     def read(self, arch: Arch, input_ids: torch.Tensor, progress: ProgressHook = no_progress) -> KVCache:
         """Every layer's keys and values of [prefix | document] (1, L)."""
         cache = KVCache(arch.num_layers)
-        run_model(arch, input_ids, _positions(0, input_ids, arch), cache, self.prefill_chunk, progress, "reading")
+        if input_ids.shape[1]:
+            run_model(arch, input_ids, _positions(0, input_ids, arch), cache, self.prefill_chunk, progress, "reading")
         return cache
 
     def prefill(
