@@ -85,7 +85,7 @@ def test_text_answer_streams_with_evidence_and_stats(needle_pdf):
 
 def test_stdin_and_full_method(needle_pdf):
     text = "Some words before. " + NEEDLE.format(key="tiger", value="5550123") + " Some words after."
-    result = ask("-", QUESTION.format(key="tiger"), "--model", MODEL, "--method", "full", "-q", input=text)
+    result = ask("-", QUESTION.format(key="tiger"), "--model", MODEL, "--method", "full", "--quiet", input=text)
     assert result.exit_code == 0, result.output
     assert "5550123" in result.stdout
     assert result.stderr == ""
