@@ -159,12 +159,25 @@ def open_reading(request: AskRequest, cache: Path | None, quiet: bool):
     document, doc = load_engine(request, quiet)
     reading = _load_cached(doc, document, cache, quiet) if cache is not None else None
     if reading is None:
-        with staged_progress(quiet, "reading") as progress:
-            reading = doc.read(document, progress=progress)
+        reading = read_document(doc, document, quiet)
         note(quiet, f"read {reading.tokens} tokens in {_seconds(reading)}, {_held(reading)}")
         if cache is not None:
             _save_cached(reading, cache, quiet)
     return document, reading
+
+
+def read_document(doc, document, quiet: bool):
+    """doc.read with its progress; out of memory while reading becomes one line naming the ways out."""
+    import torch
+
+    with staged_progress(quiet, "reading") as progress:
+        try:
+            return doc.read(document, progress=progress)
+        except torch.OutOfMemoryError:
+            raise LongDocError(
+                f"out of GPU memory reading the document with {doc.method.describe()}; try method Homer(), "
+                "a smaller top_k or prefill_chunk, or another device"
+            ) from None
 
 
 def _load_cached(doc, document, cache: Path, quiet: bool):
