@@ -1,10 +1,12 @@
-"""`longdoc ask FILE... QUESTION` and `longdoc info`."""
+"""`longdoc ask FILE... QUESTION` (or `-q Q1 -q Q2`), `longdoc chat FILE...` and `longdoc info`."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
@@ -24,13 +26,29 @@ app.add_typer(bench_app, name="bench")
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
+CACHE_HELP = (
+    "Folder for the document's reading: loaded from there if it holds one for this model, method and document "
+    "(no re-reading); otherwise the document is read and the reading saved there (replacing one that does not fit)."
+)
+JSON_HELP = "One JSON object per question, one per line: {question, answer, evidence, stats}."
+Cache = Annotated[Path | None, typer.Option(help=CACHE_HELP)]
+
+
 @app.command()
 def ask(
-    files: Annotated[
+    args: Annotated[
         list[str],
-        typer.Argument(help="Files (.pdf .docx .epub .html .md .txt), folders, or - for stdin.", show_default=False),
+        typer.Argument(
+            metavar="FILE_OR_QUESTION",
+            help="Files (.pdf .docx .epub .html .md .txt), folders, or - for stdin, then the question. "
+            "With --question every argument is a file.",
+            show_default=False,
+        ),
     ],
-    question: str = typer.Argument(..., help="The question about the documents.", show_default=False),
+    question: Annotated[
+        list[str] | None,
+        typer.Option("--question", "-q", help="A question; repeat for several, answered from one reading."),
+    ] = None,
     model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face hub id or local model folder."),
     method: str = typer.Option("gemfilter", help="Prefill method (see `longdoc info`)."),
     top_k: int | None = typer.Option(None, help="Context tokens kept by gemfilter and the budgeted baselines."),
@@ -45,27 +63,50 @@ def ask(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", help="auto, bfloat16, float16 or float32."),
     password: str | None = typer.Option(None, help="Password of an encrypted PDF."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+    cache: Cache = None,
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     evidence: bool = typer.Option(True, "--evidence/--no-evidence", help="Show the kept spans under the answer."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
     trust_remote_code: bool = typer.Option(False, help="Run the model repo's own code (off by default)."),
 ) -> None:
-    """Answer QUESTION about FILE...; the answer streams to stdout, progress goes to stderr."""
+    """Answer questions about FILE...; answers stream to stdout, progress goes to stderr.
+
+    `longdoc ask FILE... QUESTION`, or `longdoc ask FILE... -q Q1 -q Q2` for several questions from one reading.
+    """
     try:
+        files, questions = split_arguments(args, question or [])
         options = method_options(
             method, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
         )
         options.update(parse_options(option or []))
-        request = AskRequest(files, question, model, method, options, max_new_tokens, device, dtype, password)
-        _ask(request, as_json, evidence, quiet, trust_remote_code)
+        request = AskRequest(files, model, method, options, max_new_tokens, device, dtype, password, trust_remote_code)
+        output = Output(as_json, evidence, quiet)
+        document, reading = open_reading(request, cache, quiet)
+        for text in questions:
+            answer_question(reading, document, text, request, output, label=_label(questions, text))
     except LongDocError as exc:
         fail(in_flags(str(exc)))
+
+
+def split_arguments(args: list[str], questions: list[str]) -> tuple[list[str], list[str]]:
+    """With --question every argument is a file; without, the last argument is the one question."""
+    if not questions:
+        if len(args) < 2:
+            raise LongDocError("give FILE... QUESTION, or FILE... --question Q (repeatable)")
+        args, questions = args[:-1], args[-1:]
+    for text in questions:
+        if not text.strip():
+            raise LongDocError("the question is empty; ask something about the document")
+    return args, questions
+
+
+def _label(questions: list[str], text: str) -> str:
+    return f"question {questions.index(text) + 1}" if len(questions) > 1 else "question"
 
 
 @dataclass
 class AskRequest:
     files: list[str]
-    question: str
     model: str
     method: str
     options: dict
@@ -73,14 +114,21 @@ class AskRequest:
     device: str
     dtype: str
     password: str | None
+    trust_remote_code: bool = False
 
 
-def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, trust_remote_code: bool) -> None:
+@dataclass
+class Output:
+    as_json: bool
+    show_evidence: bool
+    quiet: bool
+
+
+def load_engine(request: AskRequest, quiet: bool):
+    """The documents and the model, behind a spinner: (Document, LongDoc)."""
     from longdoc import LongDoc
     from longdoc.documents import load_documents
 
-    if not request.question.strip():
-        raise LongDocError("the question is empty; ask something about the document")
     status = err.status("reading", spinner="dots") if not quiet else None
     if status:
         status.start()
@@ -97,52 +145,212 @@ def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, t
             method=request.method,
             device=request.device,
             dtype=request.dtype,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=request.trust_remote_code,
             **request.options,
         )
     finally:
         if status:
             status.stop()
+    return document, doc
+
+
+def open_reading(request: AskRequest, cache: Path | None, quiet: bool):
+    """Load the model once and read the documents once (or load the reading saved in `cache`): (Document, Reading)."""
+    document, doc = load_engine(request, quiet)
+    reading = _load_cached(doc, document, cache, quiet) if cache is not None else None
+    if reading is None:
+        reading = read_document(doc, document, quiet)
+        note(quiet, f"read {reading.tokens} tokens in {_seconds(reading)}, {_held(reading)}")
+        if cache is not None:
+            _save_cached(reading, cache, quiet)
+    return document, reading
+
+
+def read_document(doc, document, quiet: bool):
+    """doc.read with its progress; out of memory while reading becomes one line naming the ways out."""
+    import torch
+
+    with staged_progress(quiet, "reading") as progress:
+        try:
+            return doc.read(document, progress=progress)
+        except torch.OutOfMemoryError:
+            raise LongDocError(
+                f"out of GPU memory reading the document with {doc.method.describe()}; try method Homer(), "
+                "a smaller top_k or prefill_chunk, or another device"
+            ) from None
+
+
+def _load_cached(doc, document, cache: Path, quiet: bool):
+    """The reading saved in `cache`, or None (nothing there, or one refused: said on stderr, then read again)."""
+    from longdoc.reading import META
+
+    if not (cache / META).is_file():
+        return None
+    try:
+        reading = doc.load_reading(cache, source=document)
+    except LongDocError as exc:
+        note(quiet, f"not using the saved reading: {exc}; reading again and saving over it", always=True)
+        return None
+    note(quiet, f"loaded the saved reading from {cache}: {reading.tokens} tokens, {_held(reading)}")
+    return reading
+
+
+def _save_cached(reading, cache: Path, quiet: bool) -> None:
+    if reading.cache is None or reading.cache.cache is None:
+        note(quiet, f"--method {reading.method.name} recomputes per question: no reading to save in {cache}")
+        return
+    reading.save(cache)
+    note(quiet, f"saved the reading to {cache} ({_mib(reading.nbytes)})")
+
+
+def _seconds(reading) -> str:
+    return f"{reading.cache.seconds:.2f}s" if reading.cache is not None else "0s"
+
+
+def _held(reading) -> str:
+    if reading.cache is None or reading.cache.cache is None:
+        return f"--method {reading.method.name} recomputes per question"
+    return f"{_mib(reading.nbytes)} held on {reading.cache.device}"
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def note(quiet: bool, text: str, always: bool = False) -> None:
+    """A line on stderr, unless --quiet (a refused saved reading is said even then)."""
+    if always or not quiet:
+        err.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+@contextmanager
+def staged_progress(quiet: bool, label: str) -> Iterator:
+    """A progress hook whose bars are named `label: stage` (the reading and each question apart)."""
     bar = progress_bar(quiet, transient=True)
     tasks: dict[str, int] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
         if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total)
+            tasks[stage] = bar.add_task(f"{label}: {stage}", total=total)
         bar.update(tasks[stage], completed=done, total=total)
 
     with bar:
-        stream = doc.stream(document.text, request.question, progress=progress, max_new_tokens=request.max_new_tokens)
+        yield progress
+
+
+def answer_question(reading, document, question: str, request: AskRequest, output: Output, label: str) -> None:
+    """Stream one answer from the reading to stdout (or one JSON line), its evidence, and a summary on stderr."""
+    with staged_progress(output.quiet, label) as progress:
+        stream = reading.stream(question, progress=progress, max_new_tokens=request.max_new_tokens)
     for piece in stream:
-        if not as_json:
+        if not output.as_json:
             sys.stdout.write(piece)
             sys.stdout.flush()
     answer = stream.answer
     spans = [{**span, "score": round(span["score"], 4)} for span in document.locate_evidence(answer.evidence)]
-    if as_json:
-        print(json.dumps({"answer": answer.text, "evidence": spans, "stats": asdict(answer.stats)}, indent=2))
-        return
-    sys.stdout.write("\n")
-    if show_evidence and spans:
-        out = Console()
-        out.print("\n[bold]Evidence[/] (kept spans, strongest first):", highlight=False)
-        several = len(document.files) > 1
-        for span in spans[:5]:
-            where = Path(span["file"]).name + " " if several else ""
-            where += f"p.{span['page']} " if span["page"] else ""
-            out.print(
-                f"  {where}[{span['start']}:{span['end']}] {span['quote']}",
-                highlight=False,
-                markup=False,
-                soft_wrap=True,
-            )
-    s = answer.stats
-    if not quiet:
-        err.print(
-            f"{s.method}: kept {s.tokens_kept}/{s.tokens_in} tokens, prefill {s.prefill_seconds:.2f}s, "
-            f"{s.tokens_out} tokens in {s.decode_seconds:.2f}s",
-            highlight=False,
+    if output.as_json:
+        record = {"question": question, "answer": answer.text, "evidence": spans, "stats": asdict(answer.stats)}
+        print(json.dumps(record), flush=True)
+    else:
+        sys.stdout.write("\n")
+        if output.show_evidence and spans:
+            print_evidence(spans, several_files=len(document.files) > 1)
+        sys.stdout.flush()
+    note(output.quiet, summary(answer.stats))
+
+
+def print_evidence(spans: list[dict], several_files: bool) -> None:
+    out = Console()
+    out.print("\n[bold]Evidence[/] (kept spans, strongest first):", highlight=False)
+    for span in spans[:5]:
+        where = Path(span["file"]).name + " " if several_files else ""
+        where += f"p.{span['page']} " if span["page"] else ""
+        out.print(
+            f"  {where}[{span['start']}:{span['end']}] {span['quote']}", highlight=False, markup=False, soft_wrap=True
         )
+
+
+def summary(s) -> str:
+    """One line per question: what was kept, whether the reading was reused, its size and where it is held."""
+    reading = f"reading {s.reading}"
+    if s.reading != "none":
+        reading += f" ({s.reused_tokens} tokens reused, {_mib(s.reading_bytes)} on {s.reading_device})"
+    return (
+        f"{s.method}: kept {s.tokens_kept}/{s.tokens_in} tokens, {reading}, prefill {s.prefill_seconds:.2f}s, "
+        f"{s.tokens_out} tokens in {s.decode_seconds:.2f}s"
+    )
+
+
+@app.command()
+def chat(
+    files: Annotated[
+        list[str],
+        typer.Argument(help="Files (.pdf .docx .epub .html .md .txt), folders.", show_default=False),
+    ],
+    model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face hub id or local model folder."),
+    method: str = typer.Option("gemfilter", help="Prefill method (see `longdoc info`)."),
+    top_k: int | None = typer.Option(None, help="Context tokens kept by gemfilter and the budgeted baselines."),
+    filter_layer: int | None = typer.Option(None, help="GemFilter: the selecting layer (default: known or 0.4 depth)."),
+    chunk_len: int | None = typer.Option(None, help="homer: most tokens per chunk (max_chunk_len)."),
+    prefill_chunk: int | None = typer.Option(None, help="Tokens per forward chunk of the prefill (memory vs speed)."),
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="Any other method option as KEY=VALUE, e.g. -o score=softmax."),
+    ] = None,
+    max_new_tokens: int = typer.Option(256, help="Most tokens to generate."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help="auto, bfloat16, float16 or float32."),
+    password: str | None = typer.Option(None, help="Password of an encrypted PDF."),
+    cache: Cache = None,
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    evidence: bool = typer.Option(True, "--evidence/--no-evidence", help="Show the kept spans under each answer."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
+    trust_remote_code: bool = typer.Option(False, help="Run the model repo's own code (off by default)."),
+) -> None:
+    """Read FILE... once, then answer questions typed at the prompt, one per line; /quit or end of input stops.
+
+    Works from a pipe too: `printf 'Q1\\nQ2\\n' | longdoc chat FILE`.
+    """
+    try:
+        if "-" in files:
+            raise LongDocError("chat reads its questions from stdin; give the document as a file, not -")
+        options = method_options(
+            method, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
+        )
+        options.update(parse_options(option or []))
+        request = AskRequest(files, model, method, options, max_new_tokens, device, dtype, password, trust_remote_code)
+        document, reading = open_reading(request, cache, quiet)
+    except LongDocError as exc:
+        fail(in_flags(str(exc)))
+    failed = converse(reading, document, request, Output(as_json, evidence, quiet))
+    if failed:
+        raise typer.Exit(2)
+
+
+QUIT = {"/quit", "/exit"}
+
+
+def converse(reading, document, request: AskRequest, output: Output) -> bool:
+    """Answer each line of stdin from the reading; a refused question is one error line and the chat goes on.
+    True if any question was refused (the exit code says so)."""
+    interactive = sys.stdin.isatty()
+    failed, number = False, 0
+    while True:
+        if interactive:
+            err.print("> ", end="", highlight=False, markup=False)
+        line = sys.stdin.readline()
+        if not line or line.strip() in QUIT:
+            return failed
+        if not line.strip():
+            continue
+        number += 1
+        try:
+            answer_question(reading, document, line.strip(), request, output, label=f"question {number}")
+        except LongDocError as exc:
+            err.print(f"[bold red]error:[/] {in_flags(str(exc))}", highlight=False, soft_wrap=True)
+            failed = True
+        if interactive and not output.as_json:
+            sys.stdout.write("\n")
 
 
 @app.command()

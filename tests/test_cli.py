@@ -85,7 +85,7 @@ def test_text_answer_streams_with_evidence_and_stats(needle_pdf):
 
 def test_stdin_and_full_method(needle_pdf):
     text = "Some words before. " + NEEDLE.format(key="tiger", value="5550123") + " Some words after."
-    result = ask("-", QUESTION.format(key="tiger"), "--model", MODEL, "--method", "full", "-q", input=text)
+    result = ask("-", QUESTION.format(key="tiger"), "--model", MODEL, "--method", "full", "--quiet", input=text)
     assert result.exit_code == 0, result.output
     assert "5550123" in result.stdout
     assert result.stderr == ""
@@ -129,7 +129,7 @@ def test_bad_requests(tmp_path, monkeypatch):
     doc = tmp_path / "doc.txt"
     doc.write_text("Some text to read.")
     _expect_error(ask(str(doc), "  ", "--model", MODEL), "the question is empty")
-    _expect_error(ask(str(doc), "What?", "--model", MODEL, "--method", "magic"), "unknown method 'magic'")
+    _expect_error(ask(str(doc), "What?", "--model", MODEL, "--method", "magic"), "unknown --method magic")
     _expect_error(ask(str(doc), "What?", "--method", "full", "--top-k", "5"), "--top-k applies to gemfilter")
     _expect_error(ask(str(doc), "What?", "-o", "novalue"), "--option takes KEY=VALUE")
     _expect_error(ask(str(doc), "What?", "--model", MODEL, "-o", "nope=1"), "has no option nope")
@@ -137,13 +137,14 @@ def test_bad_requests(tmp_path, monkeypatch):
     _expect_error(ask(str(doc), "What?", "--model", "nobody/no-such-model"), "is neither a local folder")
 
 
-def test_out_of_memory_names_the_ways_out(tmp_path, monkeypatch):
-    def out_of_memory(self, arch, layout, progress):
+@pytest.mark.parametrize("step", ["read", "prefill"])  # reading the document once, or a question over it
+def test_out_of_memory_names_the_ways_out(tmp_path, monkeypatch, step):
+    def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(GemFilter, "prefill", out_of_memory)
+    monkeypatch.setattr(GemFilter, step, out_of_memory)
     doc = tmp_path / "doc.txt"
     doc.write_text("Some text to read.")
-    result = ask(str(doc), "What?", "--model", MODEL, "--device", "cpu")
+    result = ask(str(doc), "What?", "--model", MODEL, "--device", "cpu", "--quiet")
     _expect_error(result, "out of GPU memory")
     assert "--method homer" in result.stderr and "--top-k" in result.stderr
