@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.text import Text
 
 from longdoc import LongDocError
 
 from .bench import bench_app
-from .console import err, fail, progress_bar
+from .console import StageStatus, err, fail, out, progress_bar
 from .options import method_options, parse_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ask a local LLM about a whole document.")
@@ -47,13 +47,14 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
     evidence: bool = typer.Option(True, "--evidence/--no-evidence", help="Show the kept spans under the answer."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    strict: bool = typer.Option(False, help="Fail on a folder's unreadable or unsupported file instead of skipping it."),
     trust_remote_code: bool = typer.Option(False, help="Run the model repo's own code (off by default)."),
 ) -> None:
     """Answer QUESTION about FILE...; the answer streams to stdout, progress goes to stderr."""
     try:
         options = method_options(method, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len)
         options.update(parse_options(option or []))
-        request = AskRequest(files, question, model, method, options, max_new_tokens, device, dtype, password)
+        request = AskRequest(files, question, model, method, options, max_new_tokens, device, dtype, password, strict)
         _ask(request, as_json, evidence, quiet, trust_remote_code)
     except LongDocError as exc:
         fail(str(exc))
@@ -70,6 +71,7 @@ class AskRequest:
     device: str
     dtype: str
     password: str | None
+    strict: bool = False
 
 
 def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, trust_remote_code: bool) -> None:
@@ -78,13 +80,12 @@ def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, t
 
     if not request.question.strip():
         raise LongDocError("the question is empty; ask something about the document")
-    status = err.status("reading", spinner="dots") if not quiet else None
-    if status:
-        status.start()
-    try:
-        document = load_documents(request.files, request.password)
-        if status:
-            status.update(f"loading {request.model}")
+    with StageStatus(quiet) as status:
+        status.update("reading")
+        document = load_documents(request.files, request.password, strict=request.strict)
+        for skipped in document.skipped:
+            err.print(f"skipped: {skipped.reason}")
+        status.update(f"loading {request.model}")
         logging.getLogger("transformers").setLevel(logging.ERROR)
         from transformers.utils import logging as hf_logging
 
@@ -97,9 +98,6 @@ def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, t
             trust_remote_code=trust_remote_code,
             **request.options,
         )
-    finally:
-        if status:
-            status.stop()
     bar = progress_bar(quiet, transient=True)
     tasks: dict[str, int] = {}
 
@@ -127,24 +125,17 @@ def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, t
         return
     sys.stdout.write("\n")
     if show_evidence and spans:
-        out = Console()
-        out.print("\n[bold]Evidence[/] (kept spans, strongest first):", highlight=False)
+        out.print(Text.assemble("\n", ("Evidence", "bold"), " (kept spans, strongest first):"))
         several = len(document.files) > 1
         for span in spans[:5]:
             where = Path(span["file"]).name + " " if several else ""
             where += f"p.{span['page']} " if span["page"] else ""
-            out.print(
-                f"  {where}[{span['start']}:{span['end']}] {span['quote']}",
-                highlight=False,
-                markup=False,
-                soft_wrap=True,
-            )
+            out.print(f"  {where}[{span['start']}:{span['end']}] {span['quote']}", soft_wrap=True)
     s = answer.stats
     if not quiet:
         err.print(
             f"{s.method}: kept {s.tokens_kept}/{s.tokens_in} tokens, prefill {s.prefill_seconds:.2f}s, "
-            f"{s.tokens_out} tokens in {s.decode_seconds:.2f}s",
-            highlight=False,
+            f"{s.tokens_out} tokens in {s.decode_seconds:.2f}s"
         )
 
 
@@ -199,7 +190,7 @@ def _calibrate(model, texts, books, samples, length, out, device, quiet) -> None
         task = bar.add_task("calibrate", total=samples)
         bias = measure(doc.arch, windows, lambda stage, done, total: bar.update(task, completed=done))
     save(out, bias, source=", ".join(p.name for p in paths[:20]), samples=samples)
-    err.print(f"saved {tuple(bias.shape)} layer x distance bias to {out}", highlight=False)
+    err.print(f"saved {tuple(bias.shape)} layer x distance bias to {out}")
 
 
 @app.command()
@@ -212,7 +203,6 @@ def info() -> None:
     from longdoc.arch import FAMILY_NAMES
     from longdoc.methods import METHODS
 
-    out = Console()
     out.print(f"longdoc {longdoc.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
