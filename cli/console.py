@@ -30,7 +30,7 @@ def fail(message: str) -> None:
 def progress_bar(quiet: bool, transient: bool = False) -> Progress | LineProgress:
     """A live bar on a terminal; plain throttled lines when stderr is a file or a pipe (logs, CI)."""
     if not quiet and not err.is_terminal:
-        return LineProgress()
+        return LineProgress(PLAIN_INTERVAL)
     return Progress(
         TextColumn("{task.description}", markup=False),
         BarColumn(),
@@ -45,8 +45,9 @@ def progress_bar(quiet: bool, transient: bool = False) -> Progress | LineProgres
 class LineProgress:
     """The part of rich's `Progress` the CLI uses, as lines: `stage done/total (elapsed)`.
 
-    A task prints at most one line every `interval` seconds, and always its final state, so a log shows
-    that long work moves without filling up with a line per layer.
+    A task prints at most one line every `interval` seconds, and its final state once it has printed, so a
+    log shows that long work moves without filling up with a line per layer or chunk, and a quick task (or
+    a run that ends in a one-line error) prints nothing.
     """
 
     def __init__(self, interval: float = PLAIN_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
@@ -60,7 +61,7 @@ class LineProgress:
     def __exit__(self, *exc_info) -> None:
         if exc_info[0] is None:
             for task in self.tasks:
-                self._print(task)
+                self._print_if_due(task, finished=True)
 
     def add_task(self, description: str, total: float | None = None) -> int:
         self.tasks.append(_LineTask(description, total, self.clock()))
@@ -73,18 +74,17 @@ class LineProgress:
         task.total = task.total if total is None else total
         task.completed = task.completed if completed is None else completed
         task.completed += advance or 0
-        finished = task.total is not None and task.completed >= task.total
-        if finished or self.clock() - task.printed_at >= self.interval:
-            self._print(task)
+        self._print_if_due(task, finished=task.total is not None and task.completed >= task.total)
 
     def advance(self, task_id: int, advance: float = 1) -> None:
         self.update(task_id, advance=advance)
 
-    def _print(self, task: _LineTask) -> None:
+    def _print_if_due(self, task: _LineTask, finished: bool) -> None:
         state = (task.completed, task.total)
-        if state == task.printed_state:
-            return
         now = self.clock()
+        due = now - task.printed_at >= self.interval or (finished and task.printed_state is not None)
+        if not due or state == task.printed_state:
+            return
         total = "?" if task.total is None else _count(task.total)
         err.print(f"{task.description} {_count(task.completed)}/{total} ({now - task.started_at:.1f}s)")
         task.printed_at, task.printed_state = now, state

@@ -47,7 +47,7 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
     evidence: bool = typer.Option(True, "--evidence/--no-evidence", help="Show the kept spans under the answer."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
-    strict: bool = typer.Option(False, help="Fail on a folder's unreadable or unsupported file instead of skipping it."),
+    strict: bool = typer.Option(False, help="Fail on a folder's unreadable or unsupported file; default: skip it."),
     trust_remote_code: bool = typer.Option(False, help="Run the model repo's own code (off by default)."),
 ) -> None:
     """Answer QUESTION about FILE...; the answer streams to stdout, progress goes to stderr."""
