@@ -61,7 +61,8 @@ class LineProgress:
     def __exit__(self, *exc_info) -> None:
         if exc_info[0] is None:
             for task in self.tasks:
-                self._print_if_due(task, finished=True)
+                if task.printed_state is not None or task.updated_at - task.started_at >= self.interval:
+                    self._print(task)
 
     def add_task(self, description: str, total: float | None = None) -> int:
         self.tasks.append(_LineTask(description, total, self.clock()))
@@ -74,20 +75,21 @@ class LineProgress:
         task.total = task.total if total is None else total
         task.completed = task.completed if completed is None else completed
         task.completed += advance or 0
-        self._print_if_due(task, finished=task.total is not None and task.completed >= task.total)
+        task.updated_at = self.clock()
+        finished = task.total is not None and task.completed >= task.total
+        if task.updated_at - task.printed_at >= self.interval or (finished and task.printed_state is not None):
+            self._print(task)
 
     def advance(self, task_id: int, advance: float = 1) -> None:
         self.update(task_id, advance=advance)
 
-    def _print_if_due(self, task: _LineTask, finished: bool) -> None:
+    def _print(self, task: _LineTask) -> None:
         state = (task.completed, task.total)
-        now = self.clock()
-        due = now - task.printed_at >= self.interval or (finished and task.printed_state is not None)
-        if not due or state == task.printed_state:
+        if state == task.printed_state:
             return
         total = "?" if task.total is None else _count(task.total)
-        err.print(f"{task.description} {_count(task.completed)}/{total} ({now - task.started_at:.1f}s)")
-        task.printed_at, task.printed_state = now, state
+        err.print(f"{task.description} {_count(task.completed)}/{total} ({task.updated_at - task.started_at:.1f}s)")
+        task.printed_at, task.printed_state = task.updated_at, state
 
 
 def _count(value: float) -> str:
@@ -100,7 +102,8 @@ class _LineTask:
         self.total = total
         self.completed: float = 0
         self.started_at = now
-        self.printed_at = now  # the first line comes after one interval (or at the end), not at once
+        self.updated_at = now
+        self.printed_at = now  # the first line comes one interval after the start, not at once
         self.printed_state: tuple[float, float | None] | None = None
 
 
