@@ -75,8 +75,8 @@ class AskRequest:
 
 
 def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, trust_remote_code: bool) -> None:
-    from longdoc import LongDoc
     from longdoc.documents import load_documents
+    from longdoc.hub import resolve_source
 
     if not request.question.strip():
         raise LongDocError("the question is empty; ask something about the document")
@@ -86,6 +86,9 @@ def _ask(request: AskRequest, as_json: bool, show_evidence: bool, quiet: bool, t
         for skipped in document.skipped:
             err.print(f"skipped: {skipped.reason}")
         status.update(f"loading {request.model}")
+        resolve_source(request.model)  # a missing or unreachable model fails now, not after torch has loaded
+        from longdoc import LongDoc
+
         logging.getLogger("transformers").setLevel(logging.ERROR)
         from transformers.utils import logging as hf_logging
 

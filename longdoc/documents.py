@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import LongDocError
-from .evidence import quote_of
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text", ".rst"}
 READERS = {".pdf": "pdf", ".docx": "docx", ".epub": "epub", ".html": "html", ".htm": "html", ".xhtml": "html"}
@@ -85,6 +84,8 @@ class Document:
         The file and page are those of `peak` (the span's strongest token; default its start), and the
         span is cut to that page and file, so a span that runs over a page break names one page.
         """
+        from .evidence import quote_of  # evidence.py needs torch; reading files does not
+
         at = start if peak is None or peak < 0 else peak
         for page in self.pages:
             if page.start <= at < page.end:

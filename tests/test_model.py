@@ -11,7 +11,7 @@ import pytest
 from huggingface_hub import constants
 
 from longdoc.errors import LongDocError
-from longdoc.model import load_model
+from longdoc.model import load_model, resolve_device
 
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "models" / "needle-tiny"
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
@@ -103,3 +103,9 @@ def test_damaged_weights_are_one_error(tmp_path):
     (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
     with pytest.raises(LongDocError, match="could not load the weights"):
         load_model(str(folder), device="cpu")
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "cuda1", "cpu:0"])
+def test_malformed_device_is_refused(device):
+    with pytest.raises(LongDocError, match=f"unknown device '{device}'"):
+        resolve_device(device)
