@@ -16,7 +16,6 @@ from .hub import first_line, resolve_source
 
 log = logging.getLogger(__name__)
 
-
 DTYPES = {
     "auto": None,
     "bfloat16": torch.bfloat16,
