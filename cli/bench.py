@@ -162,7 +162,7 @@ def needle(
             dict(model=model, books=used_books, needles=needles, options=configs, summary=summary, records=records),
         )
         _table(f"exact answers, {needles} needle(s), {samples} samples per cell", summary, length_list)
-        err.print(f"wrote {path} and {len(names)} heatmaps", highlight=False)
+        err.print(f"wrote {path} and {len(names)} heatmaps")
 
     _run(work, out)
 
@@ -223,7 +223,7 @@ def layers(
             mark = " <- best" if layer == best else ""
             table.add_row(str(layer), *[f"{series[s][layer]:.2f}" for s in series], f"{mean[layer]:.2f}{mark}")
         stdout.print(table)
-        err.print(f"best filter layer: {best} (mean {mean[best]:.2f}); wrote {path}", highlight=False)
+        err.print(f"best filter layer: {best} (mean {mean[best]:.2f}); wrote {path}")
 
     _run(work, out)
 
@@ -298,7 +298,7 @@ def speed(
                 str(r["tokens_kept"]),
             )
         stdout.print(table)
-        err.print(f"wrote {path}", highlight=False)
+        err.print(f"wrote {path}")
         if questions:
             _reading_table(reading_records, shape, length_list, configs, questions, resolve_device(device), out)
 
@@ -325,7 +325,7 @@ def _reading_table(reading_records, shape, lengths, configs, questions, device, 
             f"{r['load_seconds']:.2f}",
         )
     stdout.print(table)
-    err.print(f"wrote {path}", highlight=False)
+    err.print(f"wrote {path}")
 
 
 def _mean(values) -> float:

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.text import Text
 
 from longdoc import LongDocError
 
 from .bench import bench_app
-from .console import err, fail, progress_bar
+from .console import StageStatus, err, fail, out, progress_bar
 from .options import in_flags, method_options, parse_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ask a local LLM about a whole document.")
@@ -67,6 +67,7 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     evidence: bool = typer.Option(True, "--evidence/--no-evidence", help="Show the kept spans under the answer."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
+    strict: bool = typer.Option(False, help="Fail on a folder's unreadable or unsupported file; default: skip it."),
     trust_remote_code: bool = typer.Option(False, help="Run the model repo's own code (off by default)."),
 ) -> None:
     """Answer questions about FILE...; answers stream to stdout, progress goes to stderr.
@@ -79,7 +80,9 @@ def ask(
             method, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
         )
         options.update(parse_options(option or []))
-        request = AskRequest(files, model, method, options, max_new_tokens, device, dtype, password, trust_remote_code)
+        request = AskRequest(
+            files, model, method, options, max_new_tokens, device, dtype, password, trust_remote_code, strict
+        )
         output = Output(as_json, evidence, quiet)
         document, reading = open_reading(request, cache, quiet)
         for text in questions:
@@ -115,6 +118,7 @@ class AskRequest:
     dtype: str
     password: str | None
     trust_remote_code: bool = False
+    strict: bool = False
 
 
 @dataclass
@@ -126,16 +130,18 @@ class Output:
 
 def load_engine(request: AskRequest, quiet: bool):
     """The documents and the model, behind a spinner: (Document, LongDoc)."""
-    from longdoc import LongDoc
     from longdoc.documents import load_documents
+    from longdoc.hub import resolve_source
 
-    status = err.status("reading", spinner="dots") if not quiet else None
-    if status:
-        status.start()
-    try:
-        document = load_documents(request.files, request.password)
-        if status:
-            status.update(f"loading {request.model}")
+    with StageStatus(quiet) as status:
+        status.update("reading")
+        document = load_documents(request.files, request.password, strict=request.strict)
+        for skipped in document.skipped:
+            err.print(f"skipped: {skipped.reason}")
+        status.update(f"loading {request.model}")
+        resolve_source(request.model)  # a missing or unreachable model fails now, not after torch has loaded
+        from longdoc import LongDoc
+
         logging.getLogger("transformers").setLevel(logging.ERROR)
         from transformers.utils import logging as hf_logging
 
@@ -148,9 +154,6 @@ def load_engine(request: AskRequest, quiet: bool):
             trust_remote_code=request.trust_remote_code,
             **request.options,
         )
-    finally:
-        if status:
-            status.stop()
     return document, doc
 
 
@@ -220,7 +223,7 @@ def _mib(nbytes: int) -> str:
 def note(quiet: bool, text: str, always: bool = False) -> None:
     """A line on stderr, unless --quiet (a refused saved reading is said even then)."""
     if always or not quiet:
-        err.print(text, highlight=False, markup=False, soft_wrap=True)
+        err.print(text, soft_wrap=True)
 
 
 @contextmanager
@@ -260,14 +263,11 @@ def answer_question(reading, document, question: str, request: AskRequest, outpu
 
 
 def print_evidence(spans: list[dict], several_files: bool) -> None:
-    out = Console()
-    out.print("\n[bold]Evidence[/] (kept spans, strongest first):", highlight=False)
+    out.print(Text.assemble("\n", ("Evidence", "bold"), " (kept spans, strongest first):"))
     for span in spans[:5]:
         where = Path(span["file"]).name + " " if several_files else ""
         where += f"p.{span['page']} " if span["page"] else ""
-        out.print(
-            f"  {where}[{span['start']}:{span['end']}] {span['quote']}", highlight=False, markup=False, soft_wrap=True
-        )
+        out.print(f"  {where}[{span['start']}:{span['end']}] {span['quote']}", soft_wrap=True)
 
 
 def summary(s) -> str:
@@ -337,7 +337,7 @@ def converse(reading, document, request: AskRequest, output: Output) -> bool:
     failed, number = False, 0
     while True:
         if interactive:
-            err.print("> ", end="", highlight=False, markup=False)
+            err.print("> ", end="")
         line = sys.stdin.readline()
         if not line or line.strip() in QUIT:
             return failed
@@ -347,7 +347,7 @@ def converse(reading, document, request: AskRequest, output: Output) -> bool:
         try:
             answer_question(reading, document, line.strip(), request, output, label=f"question {number}")
         except LongDocError as exc:
-            err.print(f"[bold red]error:[/] {in_flags(str(exc))}", highlight=False, soft_wrap=True)
+            err.print(Text.assemble(("error:", "bold red"), " ", in_flags(str(exc))), soft_wrap=True)
             failed = True
         if interactive and not output.as_json:
             sys.stdout.write("\n")
@@ -399,7 +399,7 @@ def _calibrate(model, texts, books, samples, length, out, device, quiet) -> None
         task = bar.add_task("calibrate", total=samples)
         bias = measure(doc.arch, windows, lambda stage, done, total: bar.update(task, completed=done))
     save(out, bias, source=", ".join(p.name for p in paths[:20]), samples=samples)
-    err.print(f"saved {tuple(bias.shape)} layer x distance bias to {out}", highlight=False)
+    err.print(f"saved {tuple(bias.shape)} layer x distance bias to {out}")
 
 
 @app.command()
@@ -412,7 +412,6 @@ def info() -> None:
     from longdoc.arch import FAMILY_NAMES
     from longdoc.methods import METHODS
 
-    out = Console()
     out.print(f"longdoc {longdoc.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -9,7 +9,9 @@ log-sum-exp of its scores, and the two partial outputs are joined exactly by tho
 PyTorch serves a bottom-right causal mask only with its slower flash kernel (49 ms against 28 ms for
 8K queries over 128K keys on an H200, `benchmarks/results/sdpa-probe-h200.txt`). Elsewhere the chunk
 uses PyTorch's `causal_lower_right` bias. GQA key/value heads are shared, not repeated.
-The model's own attention modules call this through the registry, as they call any implementation.
+The model's own attention modules call this through the registry, as they call any implementation;
+`register()` puts it there when a model is loaded. transformers' modeling code and `torch.nn.attention.bias`
+(which pulls in torch._dynamo, 2-4 s) are imported on first use, so importing longdoc stays quick.
 """
 
 from __future__ import annotations
@@ -19,9 +21,6 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "longdoc_sdpa"
 
@@ -42,6 +41,8 @@ def causal_sdpa(
 ) -> tuple[torch.Tensor, None]:
     """query (b, H, q, d), key/value (b, Hkv, kv, d) -> output (b, q, H, d)."""
     if attention_mask is not None:  # a caller that built its own mask gets transformers' SDPA unchanged
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -55,6 +56,8 @@ def causal_sdpa(
     if q_len == kv_len and q_len > 1:
         causal = True
     elif 1 < q_len < kv_len:
+        from torch.nn.attention.bias import causal_lower_right
+
         mask = causal_lower_right(q_len, kv_len)
     out = F.scaled_dot_product_attention(
         query,
@@ -134,4 +137,9 @@ def _cudnn_lse_works(device_index: int, dtype: torch.dtype, heads: int, kv_heads
     return bool(torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2))
 
 
-AttentionInterface.register(NAME, causal_sdpa)
+@lru_cache
+def register() -> None:
+    """Make `NAME` an attention implementation that transformers' models accept (once)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, causal_sdpa)

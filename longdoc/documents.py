@@ -2,24 +2,28 @@
 
 PDF through pypdfium2, DOCX through python-docx, EPUB through ebooklib, HTML through BeautifulSoup,
 plain text and Markdown with charset detection as the fallback. Several files or folders become one
-Document whose `files` remember where each one lies, so evidence can name file and page.
+Document whose `files` remember where each one lies, so evidence can name file and page. A folder's
+files that cannot be read are skipped and listed in `Document.skipped`, unless strict.
 """
 
 from __future__ import annotations
 
 import codecs
 import sys
+import unicodedata
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import LongDocError
-from .evidence import quote_of
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text", ".rst"}
 READERS = {".pdf": "pdf", ".docx": "docx", ".epub": "epub", ".html": "html", ".htm": "html", ".xhtml": "html"}
 SUPPORTED = sorted(TEXT_SUFFIXES | set(READERS))
 INSTALL_HINT = "pip install 'longdoc[docs]'"
+# Among legacy encodings that read a text equally well, the most common one (WHATWG's default for Western text):
+# short Latin-1 text fits cp1250 as well as cp1252 to charset detection, and cp1250 turns "naïve" into "naďve".
+WESTERN = ("cp1252", "latin_1")
 BLOCK_TAGS = [
     "p",
     "div",
@@ -66,6 +70,7 @@ class Document:
     source: str
     pages: list[Page] = field(default_factory=list)
     files: list[FileSpan] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)  # a folder's files left out, for the caller to show
 
     def page_at(self, offset: int) -> int | None:
         for page in self.pages:
@@ -79,6 +84,8 @@ class Document:
         The file and page are those of `peak` (the span's strongest token; default its start), and the
         span is cut to that page and file, so a span that runs over a page break names one page.
         """
+        from .evidence import quote_of  # evidence.py needs torch; reading files does not
+
         at = start if peak is None or peak < 0 else peak
         for page in self.pages:
             if page.start <= at < page.end:
@@ -96,6 +103,12 @@ class Document:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str  # the one-line error that reading it gave (it names the file)
+
+
+@dataclass(frozen=True)
 class Located:
     file: str
     page: int | None
@@ -104,25 +117,53 @@ class Located:
     quote: str
 
 
-def load_documents(paths: Iterable[str], password: str | None = None) -> Document:
-    """Read files, folders (recursively, supported types only) or '-' into one Document."""
-    files: list[str] = []
+def load_documents(paths: Iterable[str], password: str | None = None, strict: bool = False) -> Document:
+    """Read files, folders (recursively) or '-' into one Document.
+
+    A file named in `paths` must be readable. In a folder, hidden files are ignored, and a file that is not
+    of a supported type or cannot be read is skipped and recorded in `Document.skipped` (one bad file should
+    not cost the whole folder); `strict=True` raises on it instead.
+    """
+    documents: list[Document] = []
+    skipped: list[Skipped] = []
     for path in paths:
         if path != "-" and Path(path).is_dir():
-            found = sorted(
-                str(p)
-                for p in Path(path).rglob("*")
-                if p.is_file() and p.suffix.lower() in SUPPORTED and not p.name.startswith(".")
-            )
-            if not found:
-                raise LongDocError(f"{path} holds no readable file ({', '.join(SUPPORTED)})")
-            files.extend(found)
+            read, left_out = _read_folder(Path(path), password, strict)
+            documents.extend(read)
+            skipped.extend(left_out)
         else:
-            files.append(path)
-    if not files:
+            documents.append(load_document(path, password))
+    if not documents:
         raise LongDocError("no file given; pass a file, a folder or - for stdin")
-    documents = [load_document(path, password) for path in files]
-    return documents[0] if len(documents) == 1 else join_documents(documents)
+    document = documents[0] if len(documents) == 1 else join_documents(documents)
+    return replace(document, skipped=skipped)
+
+
+def _read_folder(folder: Path, password: str | None, strict: bool) -> tuple[list[Document], list[Skipped]]:
+    documents: list[Document] = []
+    skipped: list[Skipped] = []
+    for file in _visible_files(folder):
+        try:
+            if file.suffix.lower() not in SUPPORTED:
+                raise LongDocError(f"unsupported file type '{file.suffix or 'none'}' ({file})")
+            documents.append(load_document(str(file), password))
+        except LongDocError as exc:
+            if strict:
+                raise
+            skipped.append(Skipped(str(file), str(exc)))
+    if not documents:
+        reasons = "; ".join(s.reason for s in skipped[:3]) or "it is empty"
+        raise LongDocError(f"{folder} holds no readable file ({reasons})")
+    return documents, skipped
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """Files under `folder`, sorted, leaving out hidden ones and those in hidden folders (.git, .cache)."""
+    return sorted(
+        file
+        for file in folder.rglob("*")
+        if file.is_file() and not any(part.startswith(".") for part in file.relative_to(folder).parts)
+    )
 
 
 def join_documents(documents: list[Document]) -> Document:
@@ -170,12 +211,19 @@ def load_document(path: str, password: str | None = None) -> Document:
         raise LongDocError(f"file not found: {path}")
     if file.is_dir():
         return load_documents([path], password)
+    try:
+        return _load_file(file, password)
+    except OSError as exc:  # permissions, a file that vanished, a device that fails
+        raise LongDocError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _load_file(file: Path, password: str | None) -> Document:
     suffix = file.suffix.lower()
     if suffix in TEXT_SUFFIXES or suffix == "":
-        return _checked(_text_document(_decode(file.read_bytes(), path), str(file)))
+        return _checked(_text_document(_decode(file.read_bytes(), str(file)), str(file)))
     reader = READERS.get(suffix)
     if reader is None:
-        raise LongDocError(f"unsupported file type '{suffix}' ({path}); longdoc reads {', '.join(SUPPORTED)}")
+        raise LongDocError(f"unsupported file type '{suffix}' ({file}); longdoc reads {', '.join(SUPPORTED)}")
     if reader == "pdf":
         return _checked(_load_pdf(file, password))
     text = {"docx": _docx_text, "epub": _epub_text, "html": _html_text}[reader](file)
@@ -193,24 +241,70 @@ def _checked(document: Document) -> Document:
 
 
 def _decode(data: bytes, name: str) -> str:
-    """UTF-8 (with or without BOM), UTF-16 with BOM, else the detected encoding; CRLF becomes LF."""
-    if data.startswith(codecs.BOM_UTF8):
-        text = data[len(codecs.BOM_UTF8) :].decode("utf-8", errors="replace")
-    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        text = data.decode("utf-16")
-    else:
+    """UTF-8 (with or without BOM), UTF-16/32 with BOM, UTF-16 without, else a detected legacy encoding; CRLF -> LF."""
+    text = _decode_by_bom(data)
+    if text is None:
         if b"\x00" in data[:8192]:
-            raise LongDocError(f"{name} looks binary, not text; give a document ({', '.join(SUPPORTED)})")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            from charset_normalizer import from_bytes
-
-            best = from_bytes(data).best()
-            if best is None:
-                raise LongDocError(f"{name} looks binary, not text; give a document ({', '.join(SUPPORTED)})") from None
-            text = str(best)
+            text = _utf16_without_bom(data)
+            if text is None:
+                raise LongDocError(f"{name} looks binary, not text; give a document ({', '.join(SUPPORTED)})")
+        else:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                text = _decode_legacy(data, name)
     return _lf(text)
+
+
+def _decode_by_bom(data: bytes) -> str | None:
+    if data.startswith(codecs.BOM_UTF8):
+        return data[len(codecs.BOM_UTF8) :].decode("utf-8", errors="replace")
+    if data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: its LE BOM starts the same
+        return data.decode("utf-32", errors="replace")
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16", errors="replace")
+    return None
+
+
+def _utf16_without_bom(data: bytes) -> str | None:
+    """UTF-16 text without a BOM, told from binary by where its zero bytes fall.
+
+    Text mostly in the first 256 code points (Latin, digits, whitespace) has a zero high byte in nearly every
+    unit, so one byte parity is largely zero and the other almost never; the decoded text must then hold no
+    control characters besides whitespace.
+    """
+    head = data[: 8192 * 2]
+    if len(data) % 2 or len(head) < 4:
+        return None
+    units = len(head) // 2
+    zeros_even, zeros_odd = head[0::2].count(0), head[1::2].count(0)
+    if zeros_odd >= units * 0.3 and zeros_even <= units * 0.02:
+        encoding = "utf-16-le"
+    elif zeros_even >= units * 0.3 and zeros_odd <= units * 0.02:
+        encoding = "utf-16-be"
+    else:
+        return None
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError:
+        return None
+    controls = sum(1 for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r\f\v")
+    return text if controls == 0 else None
+
+
+def _decode_legacy(data: bytes, name: str) -> str:
+    """The encoding charset detection finds least messy and most coherent, preferring `WESTERN` among equals."""
+    from charset_normalizer import from_bytes
+
+    matches = list(from_bytes(data))
+    if not matches:
+        raise LongDocError(f"{name} looks binary, not text; give a document ({', '.join(SUPPORTED)})")
+    least_mess = min(m.chaos for m in matches)
+    calm = [m for m in matches if m.chaos <= least_mess + 0.01]
+    most_coherent = max(m.coherence for m in calm)
+    equals = [m for m in calm if m.coherence >= most_coherent - 0.01]
+    western = [m for m in equals if m.encoding in WESTERN]
+    return str((western or equals)[0])
 
 
 def _lf(text: str) -> str:

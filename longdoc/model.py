@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from pathlib import Path
+import re
 
 import torch
+from safetensors import SafetensorError
 
 from .attention import NAME as ATTENTION
+from .attention import register as register_attention
 from .errors import LongDocError
+from .hub import first_line, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +31,12 @@ def resolve_device(device: str) -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise LongDocError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LongDocError(f"device '{device}' was asked for but no CUDA GPU is visible; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise LongDocError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise LongDocError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA GPU(s) are visible")
     return device
 
 
@@ -62,49 +67,53 @@ def load_model(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ):
-    """Return (model, tokenizer) in eval mode. Weights load from safetensors only."""
+    """Return (model, tokenizer) in eval mode. Weights load from safetensors only.
+
+    The config and tokenizer load before the weights, so a folder without them fails in a moment.
+    """
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    source, local_only = resolve_source(name_or_path)  # before importing transformers: a missing model fails fast
+
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .arch import check_supported
 
-    device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    local = Path(name_or_path).expanduser()
-    source = str(local) if local.exists() else name_or_path
-    if local.exists() and not (local / "config.json").exists():
-        raise LongDocError(
-            f"'{name_or_path}' is a folder without config.json; point --model at a Hugging Face model folder"
-        )
+    files = dict(trust_remote_code=trust_remote_code, local_files_only=local_only)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, **files)
     except (OSError, ValueError) as exc:
-        raise LongDocError(
-            f"model '{name_or_path}' is neither a local folder nor available from the Hugging Face cache or hub "
-            f"({type(exc).__name__}); download it once, or pass a local folder with config.json, tokenizer files "
-            "and *.safetensors (for example --model ./models/Llama-3.1-8B-Instruct)"
-        ) from None
+        raise LongDocError(f"cannot read the config.json of '{name_or_path}': {first_line(exc)}") from None
     check_supported(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **files)
+    except (OSError, ValueError) as exc:  # ValueError: no tokenizer.json and nothing to convert from
+        raise LongDocError(
+            f"could not load a tokenizer for '{name_or_path}' ({type(exc).__name__}); longdoc needs a fast "
+            "tokenizer: put the model's tokenizer.json and tokenizer_config.json beside its config.json"
+        ) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise LongDocError(f"'{name_or_path}' has no fast tokenizer (tokenizer.json); longdoc needs one for offsets")
     attention = pick_attention(device, attn_implementation)
+    if attention == ATTENTION:
+        register_attention()
     multi_gpu = device == "cuda" and torch.cuda.device_count() > 1
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
             dtype=torch_dtype,
             attn_implementation=attention,
-            trust_remote_code=trust_remote_code,
             use_safetensors=True,
             device_map="auto" if multi_gpu else None,
+            **files,
         )
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         raise LongDocError(
-            f"could not load weights or tokenizer of '{name_or_path}': {exc}. longdoc loads safetensors weights "
-            "only; pass a local folder that has them"
+            f"could not load the weights of '{name_or_path}': {first_line(exc)}. longdoc loads safetensors "
+            "weights only; pass a local folder that has them"
         ) from None
     if not multi_gpu:
         model.to(device)
-    if not getattr(tokenizer, "is_fast", False):
-        raise LongDocError(f"'{name_or_path}' has no fast tokenizer (tokenizer.json); longdoc needs one for offsets")
     model.eval()
     log.info("loaded %s (%s, %s, %s attention)", name_or_path, device, torch_dtype, attention)
     return model, tokenizer

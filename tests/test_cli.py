@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from longdoc.cli.console import LineProgress, StageStatus
 from longdoc.cli.main import app
 from made_documents import write_blank_pdf, write_pdf
 from typer.testing import CliRunner
 
 from longdoc.bench.needle import NEEDLE, QUESTION, Haystacks, load_books
+from longdoc.errors import LongDocError
 from longdoc.methods import GemFilter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +152,88 @@ def test_out_of_memory_names_the_ways_out(tmp_path, monkeypatch, step):
     result = ask(str(doc), "What?", "--model", MODEL, "--device", "cpu", "--quiet")
     _expect_error(result, "out of GPU memory")
     assert "--method homer" in result.stderr and "--top-k" in result.stderr
+
+
+def test_errors_are_printed_literally(tmp_path, monkeypatch):
+    _expect_error(ask("br[acket]/nope[1].txt", "What?", "--model", MODEL), "file not found: br[acket]/nope[1].txt")
+
+    def bracketed(*args, **kwargs):
+        raise LongDocError("needs bm25s: pip install 'longdoc[bench]' [bold]not markup[/bold]")
+
+    monkeypatch.setattr("longdoc.documents.load_documents", bracketed)
+    _expect_error(ask("-", "What?", input="text"), "pip install 'longdoc[bench]' [bold]not markup[/bold]")
+
+
+def test_folder_lists_the_files_it_skipped_and_strict_fails_on_them(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("Some words. " + NEEDLE.format(key="tiger", value="5550123") + " More words.")
+    (folder / "b[1].txt").write_bytes(b"\x00\x01\x02binary")
+    result = ask(str(folder), QUESTION.format(key="tiger"), "--model", MODEL, "--method", "full", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "5550123" in result.stdout
+    assert result.stderr.splitlines() == [
+        f"skipped: {folder / 'b[1].txt'} looks binary, not text; give a document "
+        "(.docx, .epub, .htm, .html, .markdown, .md, .pdf, .rst, .text, .txt, .xhtml)"
+    ]
+    _expect_error(ask(str(folder), "What?", "--model", MODEL, "--strict"), "b[1].txt looks binary")
+
+
+def test_model_folder_without_tokenizer_files_is_one_line(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ["config.json", "generation_config.json", "model.safetensors"]:
+        shutil.copy(Path(MODEL) / name, folder / name)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Some text to read.")
+    _expect_error(ask(str(doc), "What?", "--model", str(folder)), "could not load a tokenizer")
+    _expect_error(ask(str(doc), "What?", "--model", str(doc)), "is not a model folder (no config.json in it)")
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    monkeypatch.setattr("longdoc.cli.console.PLAIN_INTERVAL", 0.0)  # this run is quick: let every update print
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Some words before. " + NEEDLE.format(key="tiger", value="5550123") + " Some words after.")
+    result = ask(str(doc), QUESTION.format(key="tiger"), "--model", MODEL, "--method", "full", "--no-evidence")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert re.fullmatch(r"reading \(\d+\.\ds\)", lines[0]), lines
+    assert lines[1].startswith(f"loading {MODEL} (")
+    counted = lines[2:-1]
+    assert counted and all(re.fullmatch(r"[a-z]+ \d+/\d+ \(\d+\.\ds\)", line) for line in counted), counted
+    assert {line.split()[0] for line in counted} >= {"tokenizing", "prefill"}
+    assert lines[-1].startswith("full: kept")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_plain_progress_is_throttled_and_ends_with_the_final_state(capsys):
+    clock = FakeClock()
+    with LineProgress(interval=2.0, clock=clock) as bar:
+        layers = bar.add_task("filter", total=100)
+        for done in range(1, 101):  # 100 updates over 10 s
+            clock.now += 0.1
+            bar.update(layers, completed=done)
+        bar.add_task("generating", total=256)  # begun, no progress: no line
+        quick = bar.add_task("tokenizing", total=1)
+        bar.update(quick, completed=1)  # done at once: no line
+    lines = capsys.readouterr().err.splitlines()
+    assert 4 <= len(lines) <= 6, lines  # one every 2 s, not 100
+    assert all(line.startswith("filter ") for line in lines)
+    assert lines[-1] == "filter 100/100 (10.0s)"
+
+
+def test_slow_stage_gets_a_line_once_done_and_a_quick_one_none(capsys):
+    clock = FakeClock()
+    with StageStatus(quiet=False, clock=clock) as status:
+        status.update("reading")
+        clock.now += 0.1
+        status.update("loading needle-tiny")
+        clock.now += 3.0
+    assert capsys.readouterr().err == "loading needle-tiny (3.0s)\n"

@@ -124,6 +124,42 @@ def test_text_in_a_legacy_encoding_is_detected(tmp_path):
     assert load_document(str(path)).text == text
 
 
+def test_short_latin1_text_is_read_as_latin1_not_cp1250(tmp_path):
+    path = tmp_path / "note.txt"
+    path.write_bytes("The na\u00efve caf\u00e9 owner said: d\u00e9j\u00e0 vu.\n".encode("latin-1"))
+    assert load_document(str(path)).text == "The na\u00efve caf\u00e9 owner said: d\u00e9j\u00e0 vu.\n"
+
+
+def test_central_european_text_keeps_its_own_encoding(tmp_path):
+    text = (
+        "P\u0159\u00edli\u0161 \u017elu\u0165ou\u010dk\u00fd k\u016f\u0148 "
+        "\u00fap\u011bl \u010f\u00e1belsk\u00e9 \u00f3dy.\n" * 5
+    )
+    path = tmp_path / "czech.txt"
+    path.write_bytes(text.encode("cp1250"))
+    assert load_document(str(path)).text == text
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_bom_is_read_as_text(tmp_path, encoding):
+    text = "Payment is due in thirty days.\nLate fees apply; na\u00efve readers beware.\n"
+    path = tmp_path / "utf16.txt"
+    path.write_bytes(text.encode(encoding))
+    assert load_document(str(path)).text == text
+
+
+def test_file_that_cannot_be_opened_is_one_error(tmp_path, monkeypatch):
+    path = tmp_path / "locked.txt"
+    path.write_text("secret")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(LongDocError, match="cannot read .*locked.txt: Permission denied"):
+        load_document(str(path))
+
+
 def test_folder_and_several_files_keep_each_file_span(tmp_path):
     folder = tmp_path / "docs"
     folder.mkdir()
@@ -135,6 +171,9 @@ def test_folder_and_several_files_keep_each_file_span(tmp_path):
     document = load_documents([str(folder), str(extra)])
     assert [Path(f.source).name for f in document.files] == ["a.txt", "b.md", "c.pdf"]
     assert "hidden" not in document.text
+    assert [(Path(s.path).name, s.reason) for s in document.skipped] == [
+        ("image.png", f"unsupported file type '.png' ({folder / 'image.png'})")
+    ]
     for word, name, page in [("alpha", "a.txt", None), ("beta text", "b.md", None), ("page two", "c.pdf", 2)]:
         at = document.text.index(word)
         located = document.locate(at, at + len(word))
@@ -166,3 +205,40 @@ def test_folder_without_documents_is_refused(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"\x00")
     with pytest.raises(LongDocError, match="holds no readable file"):
         load_documents([str(tmp_path)])
+
+
+def _folder_with_bad_files(root: Path) -> Path:
+    folder = root / "contracts"
+    (folder / "2024").mkdir(parents=True)
+    (folder / "a.txt").write_text("alpha terms", encoding="utf-8")
+    (folder / "2024" / "b.txt").write_bytes(b"\x00\x01\x02binary")
+    (folder / "2024" / "c.md").write_text("gamma terms", encoding="utf-8")
+    (folder / "d.pdf").write_bytes(b"%PDF-1.7\nthis is not a pdf body")
+    (folder / "e.xlsx").write_bytes(b"PK")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    return folder
+
+
+def test_folder_skips_unreadable_and_unsupported_files_and_lists_them(tmp_path):
+    folder = _folder_with_bad_files(tmp_path)
+    document = load_documents([str(folder)])
+    assert [Path(f.source).name for f in document.files] == ["c.md", "a.txt"]  # sorted by path: 2024/ first
+    assert "alpha terms" in document.text and "gamma terms" in document.text
+    skipped = {Path(s.path).name: s.reason for s in document.skipped}
+    assert list(skipped) == ["b.txt", "d.pdf", "e.xlsx"]  # hidden folders are not listed
+    assert "looks binary" in skipped["b.txt"]
+    assert "cannot read" in skipped["d.pdf"] and "as PDF" in skipped["d.pdf"]
+    assert skipped["e.xlsx"].startswith("unsupported file type '.xlsx'")
+
+
+def test_strict_folder_fails_on_its_first_bad_file(tmp_path):
+    folder = _folder_with_bad_files(tmp_path)
+    with pytest.raises(LongDocError, match="b.txt looks binary"):
+        load_documents([str(folder)], strict=True)
+
+
+def test_a_file_named_directly_is_never_skipped(tmp_path):
+    folder = _folder_with_bad_files(tmp_path)
+    with pytest.raises(LongDocError, match="looks binary"):
+        load_documents([str(folder / "a.txt"), str(folder / "2024" / "b.txt")])

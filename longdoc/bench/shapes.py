@@ -74,6 +74,9 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, attn_impl
     """A model of a named shape with random weights, built directly on `device`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..attention import register
+
+    register()
     settings = dict(SHAPES[shape])
     config = AutoConfig.for_model(settings.pop("model_type"), **settings)
     config._name_or_path = f"random-{shape}"

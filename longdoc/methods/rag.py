@@ -41,7 +41,7 @@ class Rag(Method):
         try:
             import bm25s
         except ImportError:
-            raise LongDocError("the rag baseline needs bm25s: pip install 'longdoc[bench]'") from None
+            raise LongDocError("the rag baseline needs bm25s: pip install bm25s") from None
         c = layout.context_len
         passages = [(s, min(s + self.passage_tokens, c)) for s in range(0, c, self.passage_tokens)]
         offsets = layout.context_offsets
