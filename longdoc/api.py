@@ -318,9 +318,7 @@ class LongDoc:
             return None, "none"  # too large to keep: the method's own one-pass prefill, same result
         start = time.perf_counter()
         ids = torch.tensor([head], device=self.arch.device)
-        cache = method.read(self.arch, ids, progress)
-        cache.capacity = len(head) + ROOM
-        cache.with_room(ROOM)
+        cache = method.read(self.arch, ids, progress, capacity=len(head) + ROOM)
         reading = ReadingCache(method, head, cache, seconds=time.perf_counter() - start)
         self.store.add(reading)
         return reading, "read"

@@ -29,8 +29,10 @@ class KVCache:
         length = self.lengths[layer_idx]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if keys is None or length + new > keys.shape[-2]:
-            # Grow by a quarter, not double: a forked 128K-token cache must not double its memory to decode.
-            capacity = max(length + new, self.capacity, length + max(length // 4, 64))
+            # The capacity the caller announced if it suffices; else grow by a quarter, not double: a forked
+            # 128K-token cache must not double its memory to decode.
+            needed = length + new
+            capacity = self.capacity if self.capacity >= needed else max(needed, length + max(length // 4, 64))
             keys = _grow(keys, length, capacity, key_states)
             values = _grow(values, length, capacity, value_states)
             self.keys[layer_idx], self.values[layer_idx] = keys, values

@@ -182,8 +182,7 @@ def reading_records(
             try:
                 _free(dev)
                 with Measure(dev) as first:
-                    cache = method.read(arch, torch.tensor([head], device=dev))
-                    cache.with_room(ROOM)
+                    cache = method.read(arch, torch.tensor([head], device=dev), capacity=len(head) + ROOM)
                     method.prefill(arch, layouts[0], reading=cache.fork())
                 follow = []
                 for layout in layouts[1:]:

@@ -51,6 +51,10 @@ class Method:
     ) -> Prefill:
         raise NotImplementedError
 
+    def read(self, arch: Arch, input_ids: torch.Tensor, progress: ProgressHook = no_progress, capacity: int = 0):
+        """The question-independent work on [prefix | document] (1, L) as a KVCache (reusable methods)."""
+        raise NotImplementedError(f"'{self.name}' does not reuse its work across questions")
+
     def reading_layers(self, arch: Arch) -> int:
         """How many layers of [prefix | document] keys and values a reading keeps (reusable methods)."""
         raise NotImplementedError(f"'{self.name}' does not reuse its work across questions")

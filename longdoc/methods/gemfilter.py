@@ -97,10 +97,12 @@ class GemFilter(Method):
         return self.resolve_layer(arch)[0] + 1
 
     @torch.inference_mode()
-    def read(self, arch: Arch, input_ids: torch.Tensor, progress: ProgressHook = no_progress) -> KVCache:
-        """Layers 0..r-1's keys and values and layer r's keys of [prefix | document] (1, L)."""
+    def read(
+        self, arch: Arch, input_ids: torch.Tensor, progress: ProgressHook = no_progress, capacity: int = 0
+    ) -> KVCache:
+        """Layers 0..r-1's keys and values and layer r's keys of [prefix | document] (1, L), `capacity` rows each."""
         layer, _ = self.resolve_layer(arch)
-        cache = KVCache(arch.num_layers)
+        cache = KVCache(arch.num_layers, capacity=capacity)
         hidden = arch.embed(input_ids)
         rows = arch.rotary(hidden, torch.arange(input_ids.shape[1], device=hidden.device)[None])
         chunks = _chunks(0, input_ids.shape[1], self.prefill_chunk)
