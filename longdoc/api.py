@@ -43,7 +43,9 @@ class Stats:
     decode_seconds: float = 0.0
     peak_memory_bytes: int | None = None  # GPU memory above the loaded model during prefill; None on CPU
     cache_bytes: int = 0  # the decoding cache's keys and values after prefill
-    reading: str = "none"  # "read": made for this question; "reused": an earlier reading; "none": not reusable
+    # "read": made for this question; "reused": an earlier reading of these tokens; "extended": an earlier reading of
+    # the first tokens, extended (a grown chat; equal to a fresh reading up to rounding); "none": nothing reusable
+    reading: str = "none"
     reused_tokens: int = 0  # prompt tokens whose work came from an earlier reading
     reading_bytes: int = 0  # the reading's keys and values (held for later questions)
     reading_device: str = "none"  # where the reading is held: cuda, cpu or none
@@ -295,7 +297,7 @@ class LongDoc:
             peak_memory_bytes=measure.peak_bytes,
             cache_bytes=prefill.cache.nbytes(),
             reading=how,
-            reused_tokens=len(head) if how == "reused" else 0,
+            reused_tokens={"reused": len(head), "extended": cache.extended_from if cache else 0}.get(how, 0),
             reading_bytes=cache.nbytes if cache is not None else 0,
             reading_device=cache.device if cache is not None else "none",
             compressed_span=(layout.prefix_len, layout.prefix_len + layout.context_len),
@@ -317,11 +319,19 @@ class LongDoc:
         if not keep and not self.store.fits(self.reading_bytes(method, len(head))):
             return None, "none"  # too large to keep: the method's own one-pass prefill, same result
         start = time.perf_counter()
-        ids = torch.tensor([head], device=self.arch.device)
-        cache = method.read(self.arch, ids, progress, capacity=len(head) + ROOM)
-        reading = ReadingCache(method, head, cache, seconds=time.perf_counter() - start)
+        base = self.store.longest_prefix(method, head)
+        if base is not None:  # extend a copy of an earlier reading of the first tokens: equal up to rounding
+            cache = base.cache.to(self.arch.device)
+            cache.capacity = len(head) + ROOM
+            ids = torch.tensor([head[base.length :]], device=self.arch.device)
+            method.extend(self.arch, cache, ids, progress)
+        else:
+            ids = torch.tensor([head], device=self.arch.device)
+            cache = method.read(self.arch, ids, progress, capacity=len(head) + ROOM)
+        extended = base.length if base is not None else 0
+        reading = ReadingCache(method, head, cache, seconds=time.perf_counter() - start, extended_from=extended)
         self.store.add(reading)
-        return reading, "read"
+        return reading, "extended" if base is not None else "read"
 
     def reading_bytes(self, method: Method, tokens: int) -> int:
         """Keys and values a reading of `tokens` tokens would hold (gemfilter's last layer holds keys only)."""

@@ -51,8 +51,18 @@ class Method:
     ) -> Prefill:
         raise NotImplementedError
 
-    def read(self, arch: Arch, input_ids: torch.Tensor, progress: ProgressHook = no_progress, capacity: int = 0):
-        """The question-independent work on [prefix | document] (1, L) as a KVCache (reusable methods)."""
+    def read(
+        self, arch: Arch, input_ids: torch.Tensor, progress: ProgressHook = no_progress, capacity: int = 0
+    ) -> KVCache:
+        """The question-independent work on [prefix | document] (1, L) as a KVCache of `capacity` rows (reusable
+        methods): `extend` from nothing."""
+        cache = KVCache(arch.num_layers, capacity=capacity)
+        if input_ids.shape[1]:
+            self.extend(arch, cache, input_ids, progress)
+        return cache
+
+    def extend(self, arch: Arch, cache: KVCache, input_ids: torch.Tensor, progress: ProgressHook = no_progress) -> None:
+        """Add the work on `input_ids`, the tokens after those `cache` holds (reusable methods)."""
         raise NotImplementedError(f"'{self.name}' does not reuse its work across questions")
 
     def reading_layers(self, arch: Arch) -> int:
