@@ -148,7 +148,7 @@ class LongDoc:
                 yield token
 
         start = time.perf_counter()
-        tokens = counting(generate_tokens(self.arch, prefilled, config, self.eos_ids))
+        tokens = counting(generate_tokens(self.arch, prefilled, config, self.eos_ids, notes=stats.notes))
         try:
             yield from stream_text(self.tokenizer, tokens, config.stop)
         except torch.OutOfMemoryError:
