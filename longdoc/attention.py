@@ -183,13 +183,11 @@ def efficient_lse_usable(query: torch.Tensor, key: torch.Tensor) -> bool:
 @lru_cache
 def _efficient_lse_works(device_index: int, dtype: torch.dtype, kv_heads: int, heads: int, head_dim: int) -> bool:
     """Once per shape family, before any graph capture: does the kernel run on split views and match the math?"""
-    device = torch.device("cuda", device_index)
-    gen = torch.Generator(device).manual_seed(0)
     chunk, splits = DECODE_BLOCK, 3
-    query = torch.randn(1, kv_heads, heads // kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
-    key = torch.randn(1, kv_heads, chunk * splits, head_dim, device=device, dtype=dtype, generator=gen)
-    value = torch.randn(1, kv_heads, chunk * splits, head_dim, device=device, dtype=dtype, generator=gen)
-    mask = torch.zeros(1, 1, 1, chunk * splits, device=device, dtype=dtype)
+    query, key, value = _random_inputs(
+        device_index, dtype, (1, kv_heads, heads // kv_heads, head_dim), (1, kv_heads, chunk * splits, head_dim)
+    )
+    mask = torch.zeros(1, 1, 1, chunk * splits, device=query.device, dtype=dtype)
     mask[..., chunk + 7 :] = torch.finfo(dtype).min  # the last piece wholly masked, the middle one partly
     try:
         got = split_kv_attention(query, key, value, mask, head_dim**-0.5, chunk, efficient_attention_with_lse)
@@ -234,17 +232,24 @@ def cudnn_lse_usable(query: torch.Tensor, key: torch.Tensor) -> bool:
 @lru_cache
 def _cudnn_lse_works(device_index: int, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
     """Once per shape family: does this GPU's cuDNN run the kernel, and does the joined result match the math?"""
-    device = torch.device("cuda", device_index)
-    gen = torch.Generator(device).manual_seed(0)
-    query = torch.randn(1, heads, 48, head_dim, device=device, dtype=dtype, generator=gen)
-    key = torch.randn(1, kv_heads, 80, head_dim, device=device, dtype=dtype, generator=gen)
-    value = torch.randn(1, kv_heads, 80, head_dim, device=device, dtype=dtype, generator=gen)
+    query, key, value = _random_inputs(device_index, dtype, (1, heads, 48, head_dim), (1, kv_heads, 80, head_dim))
     try:
         got = chunk_after_cache(query, key, value, head_dim**-0.5, cudnn_attention_with_lse)
     except RuntimeError:
         return False
     want = chunk_after_cache(query, key, value, head_dim**-0.5, math_attention_with_lse)
     return bool(torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2))
+
+
+def _random_inputs(
+    device_index: int, dtype: torch.dtype, query_shape: tuple[int, ...], kv_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded random query, key and value on a GPU, for the kernels' one-time checks."""
+    device = torch.device("cuda", device_index)
+    gen = torch.Generator(device).manual_seed(0)
+    return tuple(
+        torch.randn(shape, device=device, dtype=dtype, generator=gen) for shape in (query_shape, kv_shape, kv_shape)
+    )
 
 
 AttentionInterface.register(NAME, causal_sdpa)
