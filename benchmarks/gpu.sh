@@ -2,6 +2,8 @@
 # GPU benchmarks, run on the lent H100/H200 from the repo root: bash benchmarks/gpu.sh PART OUT
 # PART: speed (Llama-3.1-8B shape, 8K-128K, with transformers' own forward as yardstick) | reading (read once,
 #       ask 5: first and follow-up TTFT, reading size, save/load, 8K-128K) | homer-long (512K, 1M)
+#       | decode (256 tokens after full, gemfilter, homer at 8K-128K: CUDA graph, transformers' generate, the floor;
+#         and the eager loop at 8K for comparison)
 #       | needle (bundled model, 1K-16K) | eval (bundled model, 200 samples per row)
 set -euo pipefail
 part=$1
@@ -16,6 +18,12 @@ speed)
 reading)
     longdoc bench speed --shape llama-3.1-8b --lengths 8k,32k,128k --methods full,gemfilter --runs 1 --no-reference \
         --top-k 1024 --questions 5 --out "$out/reading" -q
+    ;;
+decode)
+    longdoc bench speed --shape llama-3.1-8b --lengths 8k,32k,128k --methods full,gemfilter,homer --runs 2 \
+        --decode-tokens 256 --top-k 1024 --out "$out/decode" -q
+    longdoc bench speed --shape llama-3.1-8b --lengths 8k --methods gemfilter,homer --runs 1 --decode-tokens 256 \
+        --top-k 1024 --no-graph --no-reference --out "$out/decode-eager" -q
     ;;
 homer-long)
     longdoc bench speed --shape llama-3.1-8b --lengths 512k,1024k --methods homer --runs 1 --no-reference \

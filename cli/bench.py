@@ -233,7 +233,8 @@ def speed(
     lengths: str = typer.Option("8k,32k", help="Prompt lengths in tokens (8192 or 8k)."),
     methods: str = typer.Option("full,gemfilter,homer,snapkv", help="Comma-separated methods (not rag)."),
     runs: int = typer.Option(3, help="Timed runs after one warm-up; medians are reported."),
-    decode_tokens: int = typer.Option(32, help="Tokens decoded to measure decode speed."),
+    decode_tokens: int = typer.Option(32, help="Tokens decoded to measure decode speed (at least 3)."),
+    graph: bool = typer.Option(True, help="Decode with a CUDA graph (--no-graph: the eager loop)."),
     reference: bool = typer.Option(
         True, help="Also time transformers' own forward and model.generate at each length (row 'transformers')."
     ),
@@ -272,6 +273,7 @@ def speed(
                 device=resolve_device(device),
                 progress=lambda stage, done, total: bar.update(task, completed=done),
                 reference=reference,
+                graph=graph,
             )
         series = {
             name: {r["length"]: r["ttft_seconds"] for r in records if r["method"] == name and "ttft_seconds" in r}
@@ -279,20 +281,26 @@ def speed(
         }
         lines(out / "speed.png", f"time to first token, {shape} ({info['device']})", "tokens", "seconds", series, True)
         path = _write(out, "speed.json", dict(**info, records=records))
-        table = Table("tokens", "method", "TTFT s", "x full", "decode tok/s", "peak over weights GiB", "kept")
+        table = Table(
+            "tokens", "method", "TTFT s", "x full", "decode tok/s", "floor tok/s", "peak over weights GiB", "kept"
+        )
         full = {r["length"]: r for r in records if r["method"] == "full" and "ttft_seconds" in r}
         for r in records:
             if "ttft_seconds" not in r:
-                table.add_row(str(r["length"]), r["method"], "OOM" if r["oom"] else "error", "", "", "", "")
+                table.add_row(str(r["length"]), r["method"], "OOM" if r["oom"] else "error", "", "", "", "", "")
                 continue
             ratio = f"{r['ttft_seconds'] / full[r['length']]['ttft_seconds']:.2f}" if r["length"] in full else ""
             peak = r["peak_bytes_over_weights"]
+            floor = "-"
+            if "fraction_of_floor" in r:
+                floor = f"{r['floor_tokens_per_second']:.0f} ({r['fraction_of_floor']:.0%})"
             table.add_row(
                 str(r["length"]),
                 r["method"],
                 f"{r['ttft_seconds']:.3f}",
                 ratio,
                 f"{r['decode_tokens_per_second']:.1f}",
+                floor,
                 f"{peak / 2**30:.2f}" if peak is not None else "-",
                 str(r["tokens_kept"]),
             )

@@ -350,7 +350,7 @@ class LongDoc:
                 counted += 1
                 yield token
 
-        tokens = counting(generate_tokens(self.arch, prefill, config, self.eos_ids))
+        tokens = counting(generate_tokens(self.arch, prefill, config, self.eos_ids, notes=stats.notes))
         try:
             yield from stream_text(self.tokenizer, tokens, config.stop)
         except torch.OutOfMemoryError:
