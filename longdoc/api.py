@@ -250,11 +250,9 @@ class LongDoc:
     def prefill(
         self, layout: PromptLayout, method: Method | None = None, progress: ProgressHook = no_progress
     ) -> Prefill:
-        """The method's prefill of `layout` (through the reading store); for callers that decode themselves."""
-        prefill, _, release = self._prefill(layout, method or self.method, progress)
-        if release is not None:
-            release()  # the caller decodes alone: nothing else uses the reading meanwhile
-        return prefill
+        """The method's prefill of `layout`, for callers that decode themselves: its cache is their own, so no
+        reading is used or kept (the result is the same by construction; see prompt.py's reading_len)."""
+        return self._prefill(layout, method or self.method, progress, use_store=False)[0]
 
     def _start(self, layout: PromptLayout, method: Method, config: GenerationConfig, progress) -> AnswerStream:
         self._check_question(layout)
@@ -264,7 +262,7 @@ class LongDoc:
         pieces = self._decode(prefill, config, stats)
         return AnswerStream(evidence, stats, pieces, on_close=release)
 
-    def _prefill(self, layout: PromptLayout, method: Method, progress):
+    def _prefill(self, layout: PromptLayout, method: Method, progress, use_store: bool = True):
         """(prefill, stats, release): `release` hands the reading back once decoding (which may append to
         the reading's buffers, for full) is over."""
         notes = []
@@ -274,7 +272,8 @@ class LongDoc:
         head = layout.token_ids()[: layout.reading_len]
         with Measure(self.arch.device) as measure:
             try:
-                cache, how = self._reading_for(method, head, progress) if method.reusable else (None, "none")
+                reuse = method.reusable and use_store
+                cache, how = self._reading_for(method, head, progress) if reuse else (None, "none")
                 lease = cache.lease(self.arch.device) if cache is not None else None
                 try:
                     prefill = method.prefill(self.arch, layout, progress, reading=lease)
@@ -287,7 +286,7 @@ class LongDoc:
                     f"out of GPU memory prefilling {len(layout)} tokens with {method.describe()}; try method "
                     "Homer(), a smaller top_k or prefill_chunk, or another device"
                 ) from None
-        if how == "none" and method.reusable is False and layout.context_len:
+        if not method.reusable and layout.context_len:
             notes.append(f"{method.name}: its compression depends on the question, so it is redone for each question")
         stats = Stats(
             method=method.name,
