@@ -69,9 +69,15 @@ class LineProgress:
         return len(self.tasks) - 1
 
     def update(
-        self, task_id: int, completed: float | None = None, total: float | None = None, advance: float | None = None
+        self,
+        task_id: int,
+        completed: float | None = None,
+        total: float | None = None,
+        advance: float | None = None,
+        description: str | None = None,
     ) -> None:
         task = self.tasks[task_id]
+        task.description = task.description if description is None else description
         task.total = task.total if total is None else total
         task.completed = task.completed if completed is None else completed
         task.completed += advance or 0

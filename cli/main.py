@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -157,10 +157,7 @@ def load_engine(request: AskRequest, quiet: bool):
         resolve_source(request.model)  # a missing or unreachable model fails now, not after torch has loaded
         from longdoc import LongDoc
 
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        quiet_transformers()
         doc = LongDoc.from_pretrained(
             request.model,
             method=request.method,
@@ -170,6 +167,14 @@ def load_engine(request: AskRequest, quiet: bool):
             **request.options,
         )
     return document, doc
+
+
+def quiet_transformers() -> None:
+    """No transformers warnings or weight-loading bars among the CLI's own lines on stderr."""
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def open_reading(request: AskRequest, cache: Path | None, quiet: bool):
@@ -265,9 +270,11 @@ def answer_question(reading, document, question: str, request: AskRequest, outpu
             sys.stdout.write(piece)
             sys.stdout.flush()
     answer = stream.answer
-    spans = [{**span, "score": round(span["score"], 4)} for span in document.locate_evidence(answer.evidence)]
+    from longdoc.batch import answer_record
+
+    record = answer_record(question, answer, document)
+    spans = record["evidence"]
     if output.as_json:
-        record = {"question": question, "answer": answer.text, "evidence": spans, "stats": asdict(answer.stats)}
         print(json.dumps(record), flush=True)
     else:
         sys.stdout.write("\n")
@@ -363,6 +370,86 @@ def converse(reading, document, request: AskRequest, output: Output) -> bool:
             failed = True
         if interactive and not output.as_json:
             sys.stdout.write("\n")
+
+
+BATCH_JOBS_HELP = (
+    'JSON Lines, one document a line: {"id", "files": [...] or "text", "questions": [...], "method"?, "options"?}; '
+    "relative files are taken from this file's folder."
+)
+Runner = Annotated[str, typer.Option(help="auto (Ray when installed), ray, or local (this process, one worker).")]
+Workers = Annotated[int | None, typer.Option(help="Ray workers, one loaded model each (default: one per GPU, or 1).")]
+GpusPerWorker = Annotated[float | None, typer.Option(help="GPUs each Ray worker holds (default: 1 with GPUs, else 0).")]
+RayAddress = Annotated[str | None, typer.Option(help="Join this running Ray cluster (e.g. auto); default: start one.")]
+
+
+@app.command()
+def batch(
+    jobs: Annotated[Path, typer.Argument(help=BATCH_JOBS_HELP, show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Answers, one JSON line per document, appended to.")],
+    model: ModelOption = DEFAULT_MODEL,
+    method: MethodOption = "gemfilter",
+    top_k: TopK = None,
+    filter_layer: FilterLayer = None,
+    chunk_len: ChunkLen = None,
+    prefill_chunk: PrefillChunk = None,
+    option: MethodOptions = None,
+    max_new_tokens: MaxNewTokens = 256,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    password: Password = None,
+    runner: Runner = "auto",
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+    ray_address: RayAddress = None,
+    retry_failed: bool = typer.Option(False, help="Answer again the ids whose last line in --out is an error."),
+    quiet: Quiet = False,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Answer many documents' questions, each document read once; resumable: ids already in --out are skipped.
+
+    Progress (documents and questions per minute, ETA) and a summary go to stderr; exit code 2 if a line failed.
+    """
+    from longdoc import batch as batching
+
+    try:
+        options = method_options(
+            method, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
+        )
+        options.update(parse_options(option or []))
+        quiet_transformers()
+        with progress_bar(quiet) as bar:
+            task = bar.add_task("batch", total=None)
+
+            def show(summary: batching.Summary) -> None:
+                described = f"batch ({summary.mode}): {summary.throughput()}"
+                bar.update(task, completed=summary.handled, total=summary.pending, description=described)
+
+            summary = batching.run(
+                jobs,
+                out,
+                model=model,
+                method=method,
+                options=options,
+                device=device,
+                dtype=dtype,
+                max_new_tokens=max_new_tokens,
+                password=password,
+                trust_remote_code=trust_remote_code,
+                runner=runner,
+                workers=workers,
+                gpus_per_worker=gpus_per_worker,
+                ray_address=ray_address,
+                retry_failed=retry_failed,
+                progress=show,
+            )
+    except LongDocError as exc:
+        fail(in_flags(str(exc)))
+    except KeyboardInterrupt:
+        err.print(f"interrupted: the lines in {out} are whole; run the same command again to go on")
+        raise typer.Exit(130) from None
+    err.print(summary.line())
+    if summary.failed:
+        raise typer.Exit(2)
 
 
 @app.command()

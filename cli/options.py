@@ -29,6 +29,13 @@ IN_FLAGS = [
     (r"\bfilter_layer\b", "--filter-layer"),
     (r"\bmax_chunk_len\b", "--chunk-len"),
     (r"\bprefill_chunk\b", "--prefill-chunk"),
+    (r"\brunner '(\w+)'", r"--runner \1"),
+    (r"\bworkers=(\d+)", r"--workers \1"),
+    (r"\bgpus_per_worker=", "--gpus-per-worker "),
+    (r"\bgpus_per_worker\b", "--gpus-per-worker"),
+    (r"\bray_address\b", "--ray-address"),
+    (r"\bretry_failed\b", "--retry-failed"),
+    (r"\bworkers must\b", "--workers must"),
 ]
 
 
