@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from longdoc import GemFilter, LongDoc, LongDocError
-from longdoc import batch as batching
-from longdoc.batch import AnswerLog, Summary, read_jobs
 from longdoc.cli.main import app
 from made_documents import write_blank_pdf, write_pdf
 from typer.testing import CliRunner
+
+from longdoc import GemFilter, LongDoc, LongDocError
+from longdoc import batch as batching
+from longdoc.batch import AnswerLog, Summary, read_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = str(ROOT / "examples" / "models" / "needle-tiny")
@@ -34,14 +35,16 @@ def haystack_text(n: int) -> str:
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory) -> list[dict]:
-    """Eight texts (one with its own method, one with its own top_k), a two-page PDF, then three bad documents."""
+    """Six texts (one with its own method, one with its own top_k, one with two questions), a two-page PDF, then three
+    bad documents."""
     folder = tmp_path_factory.mktemp("batch-docs")
-    write_pdf(folder / "report.pdf", [[haystack_text(8)], [haystack_text(9)]])
+    write_pdf(folder / "report.pdf", [[haystack_text(6)], [haystack_text(7)]])
     write_blank_pdf(folder / "scan.pdf")
-    found = [{"id": f"text-{n}", "text": haystack_text(n), "questions": [BEACON, LANTERN]} for n in range(8)]
+    found = [{"id": f"text-{n}", "text": haystack_text(n), "questions": [BEACON]} for n in range(6)]
+    found[3]["questions"].append(LANTERN)
     found[1]["method"] = "full"
     found[2]["options"] = {"top_k": 64}
-    found.append({"id": 8, "files": [str(folder / "report.pdf")], "questions": [BEACON]})
+    found.append({"id": 6, "files": [str(folder / "report.pdf")], "questions": [BEACON]})
     found.append({"id": "missing", "files": [str(folder / "nowhere.pdf")], "questions": [BEACON]})
     found.append({"id": "scanned", "files": [str(folder / "scan.pdf")], "questions": [BEACON]})
     found.append({"id": "empty", "text": "  ", "questions": [BEACON]})
@@ -105,14 +108,11 @@ def test_in_process_equals_a_sequential_loop_and_records_bad_documents(tmp_path,
     records = records_by_id(out)
     assert_same_answers(records, sequential)
     assert_bad_documents_are_errors(records)
-    assert records["text-0"]["answers"][0]["answer"].count("1000") == 1  # the needle model finds its needle
-    assert [s["page"] for s in records[8]["answers"][0]["evidence"]] and {1, 2} >= {
-        s["page"] for s in records[8]["answers"][0]["evidence"]
-    }
+    assert {1, 2} >= {span["page"] for span in records[6]["answers"][0]["evidence"]} != set()
     assert [a["stats"]["reading"] for a in records["text-3"]["answers"]] == ["reused", "reused"]
-    assert (summary.mode, summary.workers, summary.done, summary.failed, summary.skipped) == ("in-process", 1, 9, 3, 0)
-    assert summary.questions == 17 and seen == list(range(13))  # a progress call at the start and after each line
-    assert "batch in-process: 9 done, 3 failed, 0 skipped" in summary.line() and "documents/min" in summary.line()
+    assert (summary.mode, summary.workers, summary.done, summary.failed, summary.skipped) == ("in-process", 1, 7, 3, 0)
+    assert summary.questions == 8 and seen == list(range(11))  # a progress call at the start and after each line
+    assert "batch in-process: 7 done, 3 failed, 0 skipped" in summary.line() and "documents/min" in summary.line()
 
 
 def test_cli_resumes_after_a_crash_that_left_half_a_line(tmp_path, jobs, sequential):
@@ -134,11 +134,11 @@ def test_cli_resumes_after_a_crash_that_left_half_a_line(tmp_path, jobs, sequent
     assert list(records) == [job["id"] for job in jobs]
     assert_same_answers(records, sequential)
     assert_bad_documents_are_errors(records)
-    assert "batch in-process: 4 done, 3 failed, 5 skipped (already answered)" in result.stderr
+    assert "batch in-process: 2 done, 3 failed, 5 skipped (already answered)" in result.stderr
     assert "dropped a partial last line (50 bytes)" in result.stderr
 
     again = CliRunner().invoke(app, ["batch", str(jobs_file), "--out", str(out), *flags, "-o", "query_tokens=16"])
-    assert again.exit_code == 0 and "0 done, 0 failed, 12 skipped" in again.stderr
+    assert again.exit_code == 0 and "0 done, 0 failed, 10 skipped" in again.stderr
     assert records_by_id(out) == records
 
 
@@ -152,7 +152,7 @@ def test_ray_local_mode_with_two_workers_equals_the_sequential_loop(tmp_path, jo
     records = records_by_id(tmp_path / "answers.jsonl")
     assert_same_answers(records, sequential)
     assert_bad_documents_are_errors(records)
-    assert (summary.mode, summary.workers, summary.done, summary.failed) == ("ray", 2, 9, 3)
+    assert (summary.mode, summary.workers, summary.done, summary.failed) == ("ray", 2, 7, 3)
 
 
 # ----- without a model -----
