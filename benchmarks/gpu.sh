@@ -5,6 +5,8 @@
 #       | decode (256 tokens after full, gemfilter, homer at 8K-128K: CUDA graph, transformers' generate, the floor;
 #         and the eager loop at 8K for comparison)
 #       | needle (bundled model, 1K-16K) | eval (bundled model, 200 samples per row)
+#       | batch (longdoc batch on one GPU: Llama-3.1-8B shape, random weights, 40 documents of 32K tokens, 5 questions
+#         each: documents per hour with reuse (one job per document) and without (one job per question))
 set -euo pipefail
 part=$1
 out=$2
@@ -38,5 +40,8 @@ needle)
 eval)
     python3 scripts/eval_needle_model.py --model examples/models/needle-tiny --books "${BOOKS:-.data/books}" \
         --samples 200 --sweep-samples 50 --lengths 1024,2048,3500 --out "$out/needle-tiny-eval.json"
+    ;;
+batch)
+    python3 benchmarks/batch_throughput.py "$out/batch" --documents 40 --tokens 32768 --questions 5 --top-k 1024
     ;;
 esac

@@ -27,6 +27,7 @@ from .methods import Method, parse_method
 
 INSTALL_HINT = "pip install 'longdoc[batch]'"
 RUNNERS = ("auto", "ray", "local")
+WORKER_ERROR = "longdoc.errors.LongDocError: "  # how Ray's traceback text names our error
 JOB_KEYS = {"id", "files", "text", "questions", "method", "options"}
 
 
@@ -382,8 +383,14 @@ def answer_on_ray(ray, jobs: list[Job], settings: Settings, workers: int, gpus_p
         num_cpus=1,
         num_gpus=gpus_per_worker or None,
     )
-    for row in dataset.iter_rows():
-        yield json.loads(row["record"])
+    try:
+        for row in dataset.iter_rows():
+            yield json.loads(row["record"])
+    except ray.exceptions.RayError as exc:  # a worker that could not start (model, device): say why in one line
+        said = [line for line in str(exc).splitlines() if line.startswith(WORKER_ERROR)]
+        if not said:
+            raise
+        raise LongDocError(f"a Ray worker failed: {said[-1][len(WORKER_ERROR) :]}") from None
 
 
 # ----- the run -----
@@ -453,7 +460,11 @@ def choose_runner(runner: str, workers: int | None, gpus_per_worker: float | Non
 
 
 def _model_path(model: str) -> str:
-    """A local model folder as an absolute path, so workers started elsewhere find it; a hub id as it is."""
+    """A local model folder as an absolute path, so workers started elsewhere find it; a hub id as it is. A model
+    that is neither fails here, before workers start (the path must then hold on every worker too)."""
+    from .hub import resolve_source
+
+    resolve_source(model)
     local = Path(model).expanduser()
     return str(local.absolute()) if local.exists() else model
 
