@@ -18,7 +18,7 @@ from longdoc import LongDocError
 
 from .bench import bench_app
 from .console import StageStatus, err, fail, out, progress_bar
-from .options import in_flags, method_options, parse_options
+from .options import command_options, in_flags
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ask a local LLM about a whole document.")
 app.add_typer(bench_app, name="bench")
@@ -91,10 +91,9 @@ def ask(
     """
     try:
         files, questions = split_arguments(args, question or [])
-        options = method_options(
-            method, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
+        options = command_options(
+            method, option, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
         )
-        options.update(parse_options(option or []))
         request = AskRequest(
             files, model, method, options, max_new_tokens, device, dtype, password, trust_remote_code, strict
         )
@@ -333,10 +332,9 @@ def chat(
     try:
         if "-" in files:
             raise LongDocError("chat reads its questions from stdin; give the document as a file, not -")
-        options = method_options(
-            method, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
+        options = command_options(
+            method, option, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
         )
-        options.update(parse_options(option or []))
         request = AskRequest(files, model, method, options, max_new_tokens, device, dtype, password, trust_remote_code)
         document, reading = open_reading(request, cache, quiet)
     except LongDocError as exc:
@@ -412,10 +410,9 @@ def batch(
     from longdoc import batch as batching
 
     try:
-        options = method_options(
-            method, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
+        options = command_options(
+            method, option, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
         )
-        options.update(parse_options(option or []))
         quiet_transformers()
         with progress_bar(quiet) as bar:
             task = bar.add_task("batch", total=None)

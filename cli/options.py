@@ -67,6 +67,13 @@ def method_options(method: str, **values) -> dict:
     return options
 
 
+def command_options(method: str, pairs: list[str] | None, **flags) -> dict:
+    """A command's method options: its named flags (`method_options`) plus every `-o KEY=VALUE`."""
+    options = method_options(method, **flags)
+    options.update(parse_options(pairs or []))
+    return options
+
+
 def parse_options(pairs: list[str]) -> dict[str, str]:
     """KEY=VALUE strings -> {KEY: VALUE}; the method converts the values by type."""
     options = {}

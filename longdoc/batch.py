@@ -250,11 +250,10 @@ def answer_record(question: str, answer, document) -> dict:
 class Answerer:
     """One loaded model answering whole jobs: this process's, or each Ray worker's (`RayAnswerer`)."""
 
-    def __init__(self, settings: Settings | dict) -> None:
+    def __init__(self, settings: Settings) -> None:
         from .api import LongDoc
 
-        self.settings = settings if isinstance(settings, Settings) else Settings(**settings)
-        s = self.settings
+        self.settings = s = settings
         self.engine = LongDoc.from_pretrained(
             s.model, s.method, device=s.device, dtype=s.dtype, trust_remote_code=s.trust_remote_code, **s.options
         )
@@ -307,7 +306,7 @@ class Answerer:
 class RayAnswerer(Answerer):
     """An Answerer in a Ray worker process: transformers kept quiet there, jobs and answer lines as JSON columns."""
 
-    def __init__(self, settings: dict) -> None:
+    def __init__(self, settings: Settings) -> None:
         from transformers.utils import logging as hf_logging
 
         logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -377,7 +376,7 @@ def answer_on_ray(ray, jobs: list[Job], settings: Settings, workers: int, gpus_p
     items = [{"job": json.dumps(asdict(job), ensure_ascii=False)} for job in jobs]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         RayAnswerer,
-        fn_constructor_kwargs={"settings": asdict(settings)},
+        fn_constructor_kwargs={"settings": settings},  # pickled whole: a Method object stays one
         batch_size=1,  # one document per call: each answer line is written as soon as it exists
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=1,

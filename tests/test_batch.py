@@ -146,7 +146,8 @@ def test_ray_local_mode_with_two_workers_equals_the_sequential_loop(tmp_path, jo
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, log_to_driver=False)
     try:
-        summary = batching.run(jobs, tmp_path / "answers.jsonl", workers=2, **RUN)
+        settings = {**RUN, "method": GemFilter(**NEEDLE_GEMFILTER), "options": None}  # a Method object reaches workers
+        summary = batching.run(jobs, tmp_path / "answers.jsonl", workers=2, **settings)
     finally:
         ray.shutdown()
     records = records_by_id(tmp_path / "answers.jsonl")
