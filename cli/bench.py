@@ -158,9 +158,22 @@ def needle(
         path = _write(
             out,
             "needle.json",
-            dict(model=model, books=used_books, needles=needles, options=configs, summary=summary, records=records),
+            dict(
+                model=model,
+                books=used_books,
+                needles=needles,
+                options=configs,
+                summary=summary,
+                intervals=_intervals(records, names, length_list),
+                records=records,
+            ),
         )
-        _table(f"exact answers, {needles} needle(s), {samples} samples per cell", summary, length_list)
+        _table(
+            f"exact answers, {needles} needle(s), {samples} samples per cell (95 % Wilson interval)",
+            summary,
+            length_list,
+            _intervals(records, names, length_list),
+        )
         err.print(f"wrote {path} and {len(names)} heatmaps")
 
     _run(work, out)
@@ -350,9 +363,29 @@ def _summary(records: list[dict], names: list[str], lengths: list[int]) -> dict:
     }
 
 
-def _table(title: str, summary: dict, lengths: list[int]) -> None:
+def _intervals(records: list[dict], names: list[str], lengths: list[int]) -> dict:
+    """Per method and length: answers counted, correct, and the 95 % Wilson interval of the accuracy."""
+    from longdoc.bench.evaluate import wilson
+
+    cells = {}
+    for name in names:
+        cells[name] = {}
+        for length in lengths:
+            cell = [r["correct"] for r in records if r["method"] == name and r["length"] == length]
+            low, high = wilson(sum(cell), len(cell))
+            cells[name][str(length)] = dict(n=len(cell), correct=sum(cell), low=round(low, 3), high=round(high, 3))
+    return cells
+
+
+def _table(title: str, summary: dict, lengths: list[int], intervals: dict | None = None) -> None:
     table = Table("method", *[str(length) for length in lengths], "mean", title=title)
     for name, row in summary.items():
         values = [row[str(length)] for length in lengths]
-        table.add_row(name, *[f"{v:.2f}" for v in values], f"{_mean(values):.2f}")
+        cells = [f"{v:.2f}" for v in values]
+        if intervals:
+            cells = [
+                f"{v:.2f} ({c['low']:.2f}-{c['high']:.2f}, n={c['n']})"
+                for v, c in zip(values, (intervals[name][str(length)] for length in lengths), strict=True)
+            ]
+        table.add_row(name, *cells, f"{_mean(values):.2f}")
     stdout.print(table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable
 
@@ -24,9 +25,10 @@ def needle_records(
     """Ask `samples` fresh haystacks of about `length` tokens; one record per sample.
 
     With `depths`, the samples cycle through them; otherwise the asked needle's depth is random.
-    The same seed gives the same haystacks to every method, so methods compare like for like.
+    The same seed gives the same haystacks to every method, so methods compare like for like; each
+    (length, depths) cell gets haystacks of its own, so cells are independent samples, not one set reused.
     """
-    rng = random.Random(f"{seed}-{length}-{needles}-{passkey}")
+    rng = random.Random(f"{seed}-{length}-{needles}-{passkey}-{depths if depths is None else list(depths)}")
     depth_list = list(depths) if depths is not None else None
     records = []
     for i in range(samples):
@@ -53,3 +55,13 @@ def needle_records(
 
 def accuracy(records: list[dict]) -> float:
     return sum(r["correct"] for r in records) / max(1, len(records))
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion: honest at small n and near 0 or 1, unlike p +- z*sqrt(p(1-p)/n)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)
