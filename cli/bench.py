@@ -330,16 +330,19 @@ def _reading_table(reading_records, shape, lengths, configs, questions, device, 
     reusable = {name: options for name, options in configs.items() if name in ("full", "gemfilter")}
     records, info = reading_records(shape, lengths, reusable, questions, device, folder=str(out))
     path = _write(out, "reading.json", dict(**info, records=records))
-    table = Table("tokens", "method", "first TTFT s", "follow-up TTFT s", "reading GiB", "save s", "load s")
+    table = Table(
+        "tokens", "method", "first TTFT s", "follow-up TTFT s", "from host s", "reading GiB", "save s", "load s"
+    )
     for r in records:
         if "first_ttft_seconds" not in r:
-            table.add_row(str(r["length"]), r["method"], "OOM" if r.get("oom") else r.get("error", ""), "", "", "", "")
+            table.add_row(str(r["length"]), r["method"], "OOM" if r.get("oom") else r.get("error", ""), *[""] * 5)
             continue
         table.add_row(
             str(r["length"]),
             r["method"],
             f"{r['first_ttft_seconds']:.3f}",
             f"{r['follow_up_ttft_seconds']:.3f}",
+            f"{r['follow_up_from_host_ttft_seconds']:.3f}" if r["follow_up_from_host_ttft_seconds"] else "-",
             f"{r['reading_bytes'] / 2**30:.2f}",
             f"{r['save_seconds']:.2f}",
             f"{r['load_seconds']:.2f}",

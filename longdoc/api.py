@@ -105,6 +105,7 @@ class LongDoc:
         system_prompt: str | None = None,
         *,
         store: ReadingStore | None = None,
+        readings_on_host: bool = False,
         **method_options,
     ):
         self.model = model
@@ -115,7 +116,10 @@ class LongDoc:
         self.eos_ids = eos_token_ids(model, tokenizer)
         if store is None:
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
-            store = ReadingStore(*default_budgets(self.arch.device, weights), self.arch.device.type)
+            device_bytes, host_bytes = default_budgets(self.arch.device, weights)
+            if readings_on_host and self.arch.device.type != "cpu":  # GPU memory for the model; readings stream in
+                device_bytes, host_bytes = 0, host_bytes + device_bytes
+            store = ReadingStore(device_bytes, host_bytes, self.arch.device.type)
         self.store = store
 
     @classmethod
@@ -129,12 +133,17 @@ class LongDoc:
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         system_prompt: str | None = None,
+        readings_on_host: bool = False,
         **method_options,
     ) -> LongDoc:
-        """Load a hub id or a local folder (safetensors only). `method` is a Method object (or a name + options)."""
+        """Load a hub id or a local folder (safetensors only). `method` is a Method object (or a name + options).
+
+        `readings_on_host` keeps readings in pinned host memory (GPU memory for the model and one question);
+        a question then brings the reading's layers over as it uses them.
+        """
         parse_method(method, method_options)  # fail on bad options before loading weights
         loaded, tokenizer = load_model(model, device, dtype, attn_implementation, trust_remote_code)
-        return cls(loaded, tokenizer, method, system_prompt, **method_options)
+        return cls(loaded, tokenizer, method, system_prompt, readings_on_host=readings_on_host, **method_options)
 
     def with_method(self, method: Method | str, **method_options) -> LongDoc:
         """The same loaded model (and reading store) with another default method; nothing is reloaded."""
@@ -311,9 +320,7 @@ class LongDoc:
         if not method.reusable or not head:
             return ReadingCache(method, head, None), "none"
         found = self.store.find(method, head)
-        if found is not None:
-            if found.device == "cpu" and self.arch.device.type != "cpu":
-                found.to(self.arch.device)
+        if found is not None:  # one held in host memory stays there: its lease streams layers to the GPU
             return found, "reused"
         if not keep and not self.store.fits(self.reading_bytes(method, len(head))):
             return None, "none"  # too large to keep: the method's own one-pass prefill, same result

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import KVCache
+from .cache import HostBackedCache, KVCache
 from .errors import LongDocError
 from .methods import Method
 
@@ -68,6 +68,8 @@ class ReadingCache:
         out (an unfinished stream) is a copy, so two questions never write the same rows."""
         if self.cache is None:
             return None
+        if self.device == "cpu" and device.type != "cpu":  # held in host memory: layers come over as used
+            return HostBackedCache(self.cache, device, ROOM)
         if self.in_use or self.device != device.type:
             return self.cache.to(device).with_room(ROOM)
         self.in_use = True

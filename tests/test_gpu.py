@@ -151,3 +151,23 @@ def test_split_kv_kernel_matches_the_math(dtype, filled):
     )
     tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3  # the kernel runs float32 on TF32 tensor cores (2.2e-4 seen)
     torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("method", ["full", "gemfilter"])
+def test_follow_ups_on_a_gpu_with_the_reading_on_the_gpu_or_in_host_memory(tiny_model_dirs, method):
+    """A follow-up equals the one-shot answer on a GPU too, and a reading held in host memory changes nothing."""
+    from test_reading import QUESTIONS
+
+    path = str(tiny_model_dirs["llama"])
+    options = {"top_k": 30} if method == "gemfilter" else {}
+    on_gpu = LongDoc.from_pretrained(path, method=method, device="cuda", dtype="float32", **options)
+    on_host = LongDoc.from_pretrained(
+        path, method=method, device="cuda", dtype="float32", readings_on_host=True, **options
+    )
+    for question in QUESTIONS:
+        fresh = LongDoc.from_pretrained(path, method=method, device="cuda", dtype="float32", **options)
+        want = fresh.ask(CONTEXT, question, max_new_tokens=12).text
+        assert on_gpu.ask(CONTEXT, question, max_new_tokens=12).text == want
+        answer = on_host.ask(CONTEXT, question, max_new_tokens=12)
+        assert answer.text == want
+    assert answer.stats.reading == "reused" and answer.stats.reading_device == "cpu"

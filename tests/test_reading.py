@@ -192,3 +192,19 @@ def test_a_grown_chat_extends_the_earlier_reading(tiny_model_dirs, method):
     assert first.stats.reading == "read"
     assert second.stats.reading == "extended" and 0 < second.stats.reused_tokens < second.stats.tokens_in
     assert second.text == load(path, method).ask_prompt(turn2, max_new_tokens=8).text  # equal up to rounding
+
+
+@pytest.mark.parametrize("method", REUSABLE, ids=lambda m: m.name)
+def test_a_reading_in_host_memory_streams_layers_and_changes_nothing(tiny_model_dirs, method):
+    """HostBackedCache (what a GPU question gets for a reading held in host memory) equals the shared fork."""
+    from longdoc.cache import HostBackedCache
+    from longdoc.reading import ROOM
+
+    doc = load(tiny_model_dirs["mistral"], method)
+    reading = doc.read(CONTEXT)
+    layout = doc.layout(CONTEXT, QUESTIONS[1])
+    shared = method.prefill(doc.arch, layout, reading=reading.cache.cache.fork())
+    streamed = method.prefill(doc.arch, layout, reading=HostBackedCache(reading.cache.cache, doc.arch.device, ROOM))
+    torch.testing.assert_close(streamed.last_logits, shared.last_logits, atol=0, rtol=0)
+    if shared.kept_context is not None:
+        assert streamed.kept_context.tolist() == shared.kept_context.tolist()

@@ -153,7 +153,9 @@ class GemFilter(Method):
         rows = arch.rotary(hidden, torch.arange(first, n, device=hidden.device)[None])
         chunks = _chunks(0, split - first, self.prefill_chunk) + _chunks(split - first, n - first, self.prefill_chunk)
         cache = reading.fork() if reading is not None else KVCache(arch.num_layers)
-        self._filter_layers(arch, hidden, rows, cache, layer, chunks, reading is not None, progress)
+        # Each layer's keys and values are dropped once the question's rows have passed it (from a fork, only the
+        # fork's references): one layer alive, and a reading held in host memory streams in one layer at a time.
+        self._filter_layers(arch, hidden, rows, cache, layer, chunks, False, progress)
         for start, end in chunks:
             keys = arch.keys(layer, hidden[:, start:end], _rows(rows, start, end))
             cache.update(keys, keys[..., :0], layer)
