@@ -26,6 +26,7 @@ from .methods import Full, Method, Prefill, parse_method
 from .model import load_model
 from .progress import ProgressHook, no_progress
 from .prompt import PromptLayout, build_layout, layout_completion, layout_messages
+from .quantized import quantized
 from .reading import ROOM, ReadingCache, ReadingStore, default_budgets
 from .reading import load as load_saved
 from .reading import save as save_reading
@@ -276,6 +277,7 @@ class LongDoc:
                 lease = cache.lease(self.arch.device) if cache is not None else None
                 try:
                     prefill = method.prefill(self.arch, layout, progress, reading=lease)
+                    prefill.cache = quantized(prefill.cache, method.kv_bits)
                 except BaseException:
                     if cache is not None:
                         cache.release()

@@ -12,9 +12,10 @@ from ..attention import NAME as ATTENTION
 from ..errors import LongDocError
 from ..generate import GenerationConfig, generate_tokens
 from ..measure import Measure
-from ..methods import parse_method
+from ..methods import parse_method, split_label
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
+from ..quantized import quantized
 from .shapes import random_model
 
 PREFIX, SUFFIX = 8, 24  # template tokens around the context, as a chat prompt has
@@ -59,7 +60,7 @@ def speed_records(
     for length in lengths:
         layout = synthetic_layout(length, model.config.vocab_size)
         for name, options in methods.items():
-            method = parse_method(name, options)
+            method = parse_method(split_label(name)[0], options)
             record = dict(method=name, length=length, options=options)
             try:
                 samples = [_one_run(arch, method, layout, decode_tokens) for _ in range(runs + 1)][1:]
@@ -71,6 +72,7 @@ def speed_records(
                 record.update(
                     oom=False,
                     tokens_kept=samples[0]["kept"],
+                    cache_bytes=samples[0]["cache_bytes"],
                     ttft_seconds=statistics.median(s["ttft"] for s in samples),
                     decode_tokens_per_second=statistics.median(s["decode_tps"] for s in samples),
                     peak_bytes_over_weights=max(s["peak"] or 0 for s in samples) if dev.type == "cuda" else None,
@@ -130,6 +132,7 @@ def _one_run(arch: Arch, method, layout: PromptLayout, decode_tokens: int) -> di
     _free(arch.device)
     with Measure(arch.device) as measure:
         prefilled = method.prefill(arch, layout)
+        prefilled.cache = quantized(prefilled.cache, method.kv_bits)
     start = time.perf_counter()
     config = GenerationConfig(max_new_tokens=decode_tokens)
     count = sum(1 for _ in generate_tokens(arch, prefilled, config, eos_ids=()))
@@ -137,6 +140,7 @@ def _one_run(arch: Arch, method, layout: PromptLayout, decode_tokens: int) -> di
     seconds = time.perf_counter() - start
     return dict(
         kept=prefilled.tokens_kept,
+        cache_bytes=prefilled.cache.nbytes(),
         ttft=measure.seconds,
         decode_tps=count / seconds,
         peak=measure.peak_bytes,
