@@ -43,11 +43,9 @@ def method_options(method: str, **values) -> dict:
     """Map --top-k / --filter-layer / --chunk-len / --prefill-chunk onto the method's own fields."""
     from dataclasses import fields
 
-    from longdoc.methods import METHODS
+    from longdoc.methods import METHODS, method_class
 
-    if method not in METHODS:
-        raise LongDocError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
-    accepted = {f.name for f in fields(METHODS[method])}
+    accepted = {f.name for f in fields(method_class(method))}
     options = {}
     for option, value in values.items():
         if value is None:
