@@ -277,7 +277,9 @@ class LongDoc:
                 lease = cache.lease(self.arch.device) if cache is not None else None
                 try:
                     prefill = method.prefill(self.arch, layout, progress, reading=lease)
-                    prefill.cache = quantized(prefill.cache, method.kv_bits)
+                    if method.kv_bits is not None:
+                        prefill.cache = quantized(prefill.cache, method.kv_bits)
+                        prefill.notes.append(f"kv_bits={method.kv_bits}: the decoding cache is quantized (KIVI)")
                 except BaseException:
                     if cache is not None:
                         cache.release()

@@ -128,6 +128,7 @@ def reread_kept(
     kept = layout.keep_index(kept_context.to(arch.device))
     input_ids = layout.input_ids(arch.device)[:, kept]
     m = input_ids.shape[1]
+    arch.check_span(m)
     cache = KVCache(arch.num_layers)
     logits = run_model(arch, input_ids, torch.arange(m, device=arch.device)[None], cache, prefill_chunk, progress)
     return cache, m, logits

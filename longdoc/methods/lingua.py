@@ -92,7 +92,6 @@ class Lingua(Method):
         fine = given.cpu().masked_fill(~chosen, float("-inf"))
         fine = fine.masked_fill(layout.protected_mask(), float("inf"))
         kept_context = strongest(fine, min(self.top_k, c))
-        arch.check_span(layout.prefix_len + kept_context.numel() + layout.suffix_len)
         cache, m, logits = reread_kept(arch, layout, kept_context, self.prefill_chunk, progress)
         return Prefill(
             cache=cache,
