@@ -22,7 +22,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: needle accuracy,
 HERE = Path(__file__).resolve().parent
 DEFAULT_BOOKS = Path("../shared/corpus/books")
 BUNDLED_MODEL = "examples/models/needle-tiny"
-ALL_METHODS = "full,gemfilter,homer,snapkv,streaming,rag"
+ALL_METHODS = "full,gemfilter,homer,snapkv,streaming,rag,h2o,lingua,kivi-4,kivi-2,gemfilter+kv_bits=4"
 
 Options = Annotated[
     list[str] | None,
@@ -94,7 +94,9 @@ def _run(fn, out: Path):
 @bench_app.command()
 def needle(
     model: str = typer.Option(BUNDLED_MODEL, help="Hub id or local folder."),
-    methods: str = typer.Option(ALL_METHODS, help="Comma-separated methods."),
+    methods: str = typer.Option(
+        ALL_METHODS, help="Comma-separated methods: names, aliases (kivi-4) or NAME+KEY=VALUE (gemfilter+kv_bits=4)."
+    ),
     lengths: str = typer.Option("1024,2048,4096", help="Haystack lengths in tokens (4096 or 4k)."),
     depths: str = typer.Option("0,0.25,0.5,0.75,1", help="Needle depths, 0 = start, 1 = end."),
     needles: int = typer.Option(1, help="Needles per haystack (the question asks about one)."),
@@ -113,9 +115,10 @@ def needle(
     def work():
         from dataclasses import fields
 
-        from longdoc import METHODS, LongDoc
+        from longdoc import LongDoc
         from longdoc.bench.evaluate import needle_records
         from longdoc.bench.plots import heatmap
+        from longdoc.methods import method_class, split_label
 
         names, length_list, depth_list = _names(methods), _ints(lengths), _floats(depths)
         configs = per_method_options(names, option or [], top_k=top_k)
@@ -126,12 +129,21 @@ def needle(
             task = bar.add_task("needle", total=len(names) * len(length_list) * len(depth_list) * samples)
             for name in names:
                 # A benchmark compares every method at every length, past the trained window too.
-                past = {"past_window": "true"} if "past_window" in {f.name for f in fields(METHODS[name])} else {}
-                doc = base.with_method(name, **{**past, **configs[name]})
+                method_name = split_label(name)[0]
+                has_past = "past_window" in {f.name for f in fields(method_class(method_name))}
+                past = {"past_window": "true"} if has_past else {}
+                doc = base.with_method(method_name, **{**past, **configs[name]})
                 for length in length_list:
                     for depth in depth_list:
                         cell = needle_records(
-                            doc, haystacks, length=length, needles=needles, samples=samples, depths=[depth], seed=seed
+                            doc,
+                            haystacks,
+                            length=length,
+                            needles=needles,
+                            samples=samples,
+                            depths=[depth],
+                            seed=seed,
+                            label=name,
                         )
                         for record in cell:
                             record["depth_asked"] = depth
@@ -271,8 +283,8 @@ def speed(
         if shape not in SHAPES:
             raise LongDocError(f"unknown shape '{shape}'; choose from: {', '.join(SHAPES)}")
         names = _names(methods)
-        if "rag" in names:
-            raise LongDocError("speed runs on random token ids; rag needs real text (use bench needle)")
+        if "rag" in names or "lingua" in names:
+            raise LongDocError("speed runs on random token ids; rag and lingua rank real text (use bench needle)")
         configs = per_method_options(names, option or [], top_k=top_k)
         length_list = _ints(lengths)
         with progress_bar(quiet) as bar:
@@ -295,7 +307,8 @@ def speed(
         lines(out / "speed.png", f"time to first token, {shape} ({info['device']})", "tokens", "seconds", series, True)
         path = _write(out, "speed.json", dict(**info, records=records))
         table = Table(
-            "tokens", "method", "TTFT s", "x full", "decode tok/s", "floor tok/s", "peak over weights GiB", "kept"
+            "tokens", "method", "TTFT s", "x full", "decode tok/s", "floor tok/s", "peak over weights GiB", "kept",
+            "cache MiB",
         )
         full = {r["length"]: r for r in records if r["method"] == "full" and "ttft_seconds" in r}
         for r in records:
@@ -316,6 +329,7 @@ def speed(
                 floor,
                 f"{peak / 2**30:.2f}" if peak is not None else "-",
                 str(r["tokens_kept"]),
+                f"{r['cache_bytes'] / 2**20:.1f}" if "cache_bytes" in r else "-",
             )
         stdout.print(table)
         err.print(f"wrote {path}")

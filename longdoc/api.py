@@ -26,6 +26,7 @@ from .methods import Full, Method, Prefill, parse_method
 from .model import load_model
 from .progress import ProgressHook, no_progress
 from .prompt import PromptLayout, build_layout, layout_completion, layout_messages
+from .quantized import quantized
 from .reading import ROOM, ReadingCache, ReadingStore, default_budgets
 from .reading import load as load_saved
 from .reading import save as save_reading
@@ -286,6 +287,9 @@ class LongDoc:
                 lease = cache.lease(self.arch.device) if cache is not None else None
                 try:
                     prefill = method.prefill(self.arch, layout, progress, reading=lease)
+                    if method.kv_bits is not None:
+                        prefill.cache = quantized(prefill.cache, method.kv_bits)
+                        prefill.notes.append(f"kv_bits={method.kv_bits}: the decoding cache is quantized (KIVI)")
                 except BaseException:
                     if cache is not None:
                         cache.release()

@@ -21,12 +21,14 @@ def needle_records(
     passkey: bool = False,
     seed: int = 0,
     max_new_tokens: int = 32,
+    label: str | None = None,
 ) -> list[dict]:
     """Ask `samples` fresh haystacks of about `length` tokens; one record per sample.
 
     With `depths`, the samples cycle through them; otherwise the asked needle's depth is random.
     The same seed gives the same haystacks to every method, so methods compare like for like; each
-    (length, depths) cell gets haystacks of its own, so cells are independent samples, not one set reused.
+    (length, depths) cell gets haystacks of its own, so cells are independent samples, not one set reused. `label` names
+    the records' method (default: the method's name), for rows such as kivi-4 that are one method with settings.
     """
     rng = random.Random(f"{seed}-{length}-{needles}-{passkey}-{depths if depths is None else list(depths)}")
     depth_list = list(depths) if depths is not None else None
@@ -37,7 +39,7 @@ def needle_records(
         answer = doc.ask(sample.context, sample.question, max_new_tokens=max_new_tokens)
         records.append(
             dict(
-                method=doc.method.name,
+                method=label or doc.method.name,
                 length=length,
                 tokens_in=answer.stats.tokens_in,
                 tokens_kept=answer.stats.tokens_kept,
