@@ -307,7 +307,14 @@ def speed(
         lines(out / "speed.png", f"time to first token, {shape} ({info['device']})", "tokens", "seconds", series, True)
         path = _write(out, "speed.json", dict(**info, records=records))
         table = Table(
-            "tokens", "method", "TTFT s", "x full", "decode tok/s", "floor tok/s", "peak over weights GiB", "kept",
+            "tokens",
+            "method",
+            "TTFT s",
+            "x full",
+            "decode tok/s",
+            "floor tok/s",
+            "peak over weights GiB",
+            "kept",
             "cache MiB",
         )
         full = {r["length"]: r for r in records if r["method"] == "full" and "ttft_seconds" in r}

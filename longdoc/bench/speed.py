@@ -91,7 +91,6 @@ def speed_records(
                     decode_tokens_per_second=statistics.median(s["decode_tps"] for s in samples),
                     decode_setup_seconds=statistics.median(s["decode_setup"] for s in samples),
                     decode_notes=samples[0]["notes"],
-                    cache_bytes=samples[0]["cache_bytes"],
                     peak_bytes_over_weights=max(s["peak"] or 0 for s in samples) if dev.type == "cuda" else None,
                     runs=runs,
                 )
