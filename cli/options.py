@@ -29,6 +29,10 @@ IN_FLAGS = [
     (r"\bfilter_layer\b", "--filter-layer"),
     (r"\bmax_chunk_len\b", "--chunk-len"),
     (r"\bprefill_chunk\b", "--prefill-chunk"),
+    (r"pass its password \(password=\.\.\.\)", "pass --password"),
+    (r"\bsmaller window length\b", "smaller --length"),
+    (r"\bpoint model at\b", "point --model at"),
+    (r'\buse device "cpu"', "use --device cpu"),
 ]
 
 

@@ -41,6 +41,17 @@ class KVCache:
         self.lengths[layer_idx] = length + new
         return keys[..., : length + new, :], values[..., : length + new, :]
 
+    def filled(self, layer_idx: int) -> bool:
+        """Whether this layer holds keys and values (a layer never run, or freed, does not)."""
+        return self.keys[layer_idx] is not None
+
+    def pin_memory(self) -> KVCache:
+        """The same cache with host tensors in page-locked memory, so copies to a GPU run without a host stall."""
+        for i in range(self.num_layers):
+            if self.filled(i):
+                self.keys[i], self.values[i] = self.keys[i].pin_memory(), self.values[i].pin_memory()
+        return self
+
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         length = self.lengths[layer_idx]
         return self.keys[layer_idx][..., :length, :], self.values[layer_idx][..., :length, :]

@@ -34,7 +34,7 @@ def resolve_device(device: str) -> str:
     if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
         raise LongDocError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LongDocError(f"device '{device}' was asked for but no CUDA GPU is visible; use --device cpu")
+        raise LongDocError(f"device '{device}' was asked for but no CUDA GPU is visible; use device \"cpu\"")
     if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
         raise LongDocError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA GPU(s) are visible")
     return device

@@ -299,7 +299,7 @@ def merge(left: ChunkState, right: ChunkState) -> ChunkState:
 
     cache = KVCache(left.cache.num_layers)
     for i in range(cache.num_layers):
-        if left.cache.keys[i] is None:
+        if not left.cache.filled(i):
             continue
         lk, lv = left.cache.layer(i)
         rk, rv = right.cache.layer(i)
