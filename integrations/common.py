@@ -56,8 +56,10 @@ class LoadOptions:
         """device_map as the HF wrappers take it: None / "auto" / one device; a per-layer map is issue #22's."""
         if self.device_map is None:
             return self.device
-        if isinstance(self.device_map, str) and self.device_map in ("auto", "cpu") or str(self.device_map).startswith(
-            "cuda"
+        if (
+            isinstance(self.device_map, str)
+            and self.device_map in ("auto", "cpu")
+            or str(self.device_map).startswith("cuda")
         ):
             return str(self.device_map)
         raise LongDocError(
@@ -164,7 +166,7 @@ def generation_options(defaults: dict, call: dict, generate_kwargs: dict | None 
 
 
 def finish_reason(answer: Answer, options: dict) -> str:
-    """"length" when the answer ran into max_new_tokens, else "stop" (end of turn or a stop string)."""
+    """ "length" when the answer ran into max_new_tokens, else "stop" (end of turn or a stop string)."""
     return "length" if answer.stats.tokens_out >= options.get("max_new_tokens", 256) else "stop"
 
 
