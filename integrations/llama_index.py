@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 try:
+    from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
     from llama_index.core.base.llms.types import (
         ChatMessage,
         ChatResponse,
@@ -39,7 +40,6 @@ try:
     from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
     from llama_index.core.llms.custom import CustomLLM
     from llama_index.core.llms.llm import default_completion_to_prompt
-    from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
     from llama_index.core.query_engine import CustomQueryEngine
     from llama_index.core.schema import BaseNode, NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode
     from llama_index.core.utils import get_tokenizer
