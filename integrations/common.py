@@ -196,7 +196,7 @@ class Sources:
         message = messages[span.message] if span.message is not None and span.message < len(messages) else ""
         text = message[span.start : span.end] if message else span.quote
         found = {"message": span.message, "message_start": span.start, "message_end": span.end, "text": text}
-        found.update(start=span.start, end=span.end)
+        found.update(start=span.start, end=span.end, message_peak=span.peak)
         found.update(quote=quote_of(text, 0, len(text)), score=span.score)
         needle = text.strip()
         for source_text, source, page in self.parts:

@@ -418,7 +418,8 @@ class _Span:
     """An evidence dict from response metadata, as `Document.locate_evidence` reads spans."""
 
     def __init__(self, span: dict) -> None:
-        self.start, self.end, self.score, self.peak = span["message_start"], span["message_end"], span["score"], -1
+        self.start, self.end, self.peak = span["message_start"], span["message_end"], span["message_peak"]
+        self.score = span["score"]
 
 
 def _source(document: LCDocument, index: int) -> str:

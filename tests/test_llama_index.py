@@ -101,7 +101,7 @@ def test_complete_stream_chat_and_async_agree(llm):
 def test_metadata_and_llama_index_checks(engine, llm):
     assert isinstance(llm, LLM)
     meta = llm.metadata
-    assert meta.context_window == 4096 and meta.num_output == 32 and meta.is_chat_model
+    assert meta.context_window <= 4096 and meta.num_output == 32 and meta.is_chat_model
     homer = LongDocLLM(engine=engine.with_method("homer"), model="needle-tiny")
     assert homer.metadata.context_window > 4096  # HOMER reads past the trained window
     handler = LlamaDebugHandler()
