@@ -142,6 +142,17 @@ def context_window(engine: LongDoc, asked: int | None = None) -> int:
 
 
 # ----- generation options -----
+def renamed(kwargs: dict, aliases: dict) -> dict:
+    """Arguments with each alias under its field's name (the same option given twice differently is refused)."""
+    kwargs = dict(kwargs)
+    for alias, name in aliases.items():
+        if alias in kwargs:
+            if name in kwargs and kwargs[name] != kwargs[alias]:
+                raise LongDocError(f"{alias} and {name} are the same option; give one")
+            kwargs[name] = kwargs.pop(alias)
+    return kwargs
+
+
 ALIASES = {"max_tokens": "max_new_tokens", "stop_strings": "stop"}
 
 

@@ -55,6 +55,7 @@ from .common import (
     load_options,
     place_evidence,
     release_memory,
+    renamed,
     shared_model,
 )
 
@@ -191,12 +192,7 @@ class _LongDocFields:
 
 def _check_arguments(cls, kwargs: dict) -> dict:
     """Constructor arguments: max_new_tokens is max_tokens; an unknown one is refused with the list."""
-    kwargs = dict(kwargs)
-    for alias, name in ALIASES.items():
-        if alias in kwargs:
-            if name in kwargs and kwargs[name] != kwargs[alias]:
-                raise LongDocError(f"{alias} and {name} are the same option; give one")
-            kwargs[name] = kwargs.pop(alias)
+    kwargs = renamed(kwargs, ALIASES)
     accepted = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:

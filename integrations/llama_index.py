@@ -61,6 +61,7 @@ from .common import (
     load_options,
     place_evidence,
     release_memory,
+    renamed,
     shared_model,
 )
 
@@ -236,12 +237,7 @@ class LongDocLLM(CustomLLM):
 
 def _check_arguments(cls, kwargs: dict) -> dict:
     """num_output / max_tokens are max_new_tokens; an unknown argument is refused with the list."""
-    kwargs = dict(kwargs)
-    for alias, name in ALIASES.items():
-        if alias in kwargs:
-            if name in kwargs and kwargs[name] != kwargs[alias]:
-                raise LongDocError(f"{alias} and {name} are the same option; give one")
-            kwargs[name] = kwargs.pop(alias)
+    kwargs = renamed(kwargs, ALIASES)
     unknown = sorted(set(kwargs) - set(cls.model_fields))
     if unknown:
         raise LongDocError(
