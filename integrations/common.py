@@ -209,11 +209,13 @@ class Sources:
         found = {"message": span.message, "message_start": span.start, "message_end": span.end, "text": text}
         found.update(start=span.start, end=span.end, message_peak=span.peak)
         found.update(quote=quote_of(text, 0, len(text)), score=span.score)
-        needle = text.strip()
-        for source_text, source, page in self.parts:
-            at = source_text.find(needle) if needle else -1
-            if at >= 0:
-                return {**found, "file": source, "page": page, "start": at, "end": at + len(needle)}
+        # A span that runs over two documents (the prompt joins them) is placed by its longest piece.
+        pieces = sorted((p.strip() for p in text.split("\n")), key=len, reverse=True)
+        for needle in [text.strip(), *pieces]:
+            for source_text, source, page in self.parts:
+                at = source_text.find(needle) if needle else -1
+                if at >= 0:
+                    return {**found, "file": source, "page": page, "start": at, "end": at + len(needle), "text": needle}
         return found
 
 
