@@ -237,7 +237,7 @@ class ChatLongDoc(_LongDocFields, BaseChatModel):
     generate_kwargs: dict = Field(default_factory=dict, description="max_new_tokens, temperature, top_p, ...")
     system_prompt: str | None = None
     device: str = "auto"
-    device_map: str | None = None
+    device_map: Any = None  # a dict reaches LoadOptions, which says why it is refused
     dtype: Any = "auto"
     attn_implementation: str | None = None
     trust_remote_code: bool = False
@@ -314,7 +314,7 @@ class LongDocLLM(_LongDocFields, BaseLLM):
     generate_kwargs: dict = Field(default_factory=dict)
     system_prompt: str | None = None
     device: str = "auto"
-    device_map: str | None = None
+    device_map: Any = None  # a dict reaches LoadOptions, which says why it is refused
     dtype: Any = "auto"
     attn_implementation: str | None = None
     trust_remote_code: bool = False

@@ -93,7 +93,7 @@ class LongDocLLM(CustomLLM):
     generate_kwargs: dict = Field(default_factory=dict, description="max_new_tokens, temperature, top_p, ...")
     context_window: int | None = Field(default=None, description="At most this many tokens per call.")
     device: str = Field(default="auto")
-    device_map: str | None = Field(default=None)
+    device_map: Any = Field(default=None)
     dtype: Any = Field(default="auto")
     attn_implementation: str | None = Field(default=None)
     trust_remote_code: bool = Field(default=False)
