@@ -2,7 +2,11 @@
 # GPU benchmarks, run on the lent H100/H200 from the repo root: bash benchmarks/gpu.sh PART OUT
 # PART: speed (Llama-3.1-8B shape, 8K-128K, with transformers' own forward as yardstick) | reading (read once,
 #       ask 5: first and follow-up TTFT, reading size, save/load, 8K-128K) | homer-long (512K, 1M)
+#       | decode (256 tokens after full, gemfilter, homer at 8K-128K: CUDA graph, transformers' generate, the floor;
+#         and the eager loop at 8K for comparison)
 #       | needle (bundled model, 1K-16K) | eval (bundled model, 200 samples per row)
+#       | field (KIVI 4/2-bit, gemfilter + 4-bit cache and H2O beside full and gemfilter: speed, cache size, 8K-128K;
+#         then the needle rows of h2o, lingua, kivi-4, kivi-2, gemfilter+kv_bits=4 on the bundled model, 1K-16K)
 set -euo pipefail
 part=$1
 out=$2
@@ -17,6 +21,12 @@ reading)
     longdoc bench speed --shape llama-3.1-8b --lengths 8k,32k,128k --methods full,gemfilter --runs 1 --no-reference \
         --top-k 1024 --questions 5 --out "$out/reading" -q
     ;;
+decode)
+    longdoc bench speed --shape llama-3.1-8b --lengths 8k,32k,128k --methods full,gemfilter,homer --runs 2 \
+        --decode-tokens 256 --top-k 1024 --out "$out/decode" -q
+    longdoc bench speed --shape llama-3.1-8b --lengths 8k --methods gemfilter,homer --runs 1 --decode-tokens 256 \
+        --top-k 1024 --no-graph --no-reference --out "$out/decode-eager" -q
+    ;;
 homer-long)
     longdoc bench speed --shape llama-3.1-8b --lengths 512k,1024k --methods homer --runs 1 --no-reference \
         --out "$out/homer-long" -q
@@ -30,5 +40,14 @@ needle)
 eval)
     python3 scripts/eval_needle_model.py --model examples/models/needle-tiny --books "${BOOKS:-.data/books}" \
         --samples 200 --sweep-samples 50 --lengths 1024,2048,3500 --out "$out/needle-tiny-eval.json"
+    ;;
+field)
+    longdoc bench speed --shape llama-3.1-8b --lengths 8k,32k,128k \
+        --methods full,kivi-4,kivi-2,gemfilter,gemfilter+kv_bits=4,h2o,snapkv --runs 3 --top-k 1024 \
+        --out "$out/speed-field" -q
+    longdoc bench needle --model examples/models/needle-tiny --books "${BOOKS:-.data/books}" \
+        --methods h2o,lingua,kivi-4,kivi-2,gemfilter+kv_bits=4 --lengths 1k,2k,4k,8k,16k --depths 0,0.25,0.5,0.75,1 \
+        --samples 6 --top-k 256 -o gemfilter.filter_layer=7 -o gemfilter.score=softmax -o gemfilter.pool_kernel=41 \
+        -o gemfilter.query_tokens=16 --out "$out/needle-field" -q
     ;;
 esac

@@ -32,6 +32,24 @@ CACHE_HELP = (
 )
 JSON_HELP = "One JSON object per question, one per line: {question, answer, evidence, stats}."
 Cache = Annotated[Path | None, typer.Option(help=CACHE_HELP)]
+# Options `ask` and `chat` share: the model, the method and its options, generation, loading.
+ModelOption = Annotated[str, typer.Option(help="Hugging Face hub id or local model folder.")]
+MethodOption = Annotated[str, typer.Option(help="Prefill method (see `longdoc info`).")]
+TopK = Annotated[int | None, typer.Option(help="Context tokens kept by gemfilter and the budgeted baselines.")]
+FilterLayer = Annotated[int | None, typer.Option(help="GemFilter: the selecting layer (default: known or 0.4 depth).")]
+ChunkLen = Annotated[int | None, typer.Option(help="homer: most tokens per chunk (max_chunk_len).")]
+PrefillChunk = Annotated[int | None, typer.Option(help="Tokens per forward chunk of the prefill (memory vs speed).")]
+MethodOptions = Annotated[
+    list[str] | None,
+    typer.Option("--option", "-o", help="Any other method option as KEY=VALUE, e.g. -o score=softmax."),
+]
+MaxNewTokens = Annotated[int, typer.Option(help="Most tokens to generate.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Dtype = Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")]
+Password = Annotated[str | None, typer.Option(help="Password of an encrypted PDF.")]
+AsJson = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress on stderr.")]
+TrustRemoteCode = Annotated[bool, typer.Option(help="Run the model repo's own code (off by default).")]
 
 
 @app.command()
@@ -49,26 +67,23 @@ def ask(
         list[str] | None,
         typer.Option("--question", "-q", help="A question; repeat for several, answered from one reading."),
     ] = None,
-    model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face hub id or local model folder."),
-    method: str = typer.Option("gemfilter", help="Prefill method (see `longdoc info`)."),
-    top_k: int | None = typer.Option(None, help="Context tokens kept by gemfilter and the budgeted baselines."),
-    filter_layer: int | None = typer.Option(None, help="GemFilter: the selecting layer (default: known or 0.4 depth)."),
-    chunk_len: int | None = typer.Option(None, help="homer: most tokens per chunk (max_chunk_len)."),
-    prefill_chunk: int | None = typer.Option(None, help="Tokens per forward chunk of the prefill (memory vs speed)."),
-    option: Annotated[
-        list[str] | None,
-        typer.Option("--option", "-o", help="Any other method option as KEY=VALUE, e.g. -o score=softmax."),
-    ] = None,
-    max_new_tokens: int = typer.Option(256, help="Most tokens to generate."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", help="auto, bfloat16, float16 or float32."),
-    password: str | None = typer.Option(None, help="Password of an encrypted PDF."),
+    model: ModelOption = DEFAULT_MODEL,
+    method: MethodOption = "gemfilter",
+    top_k: TopK = None,
+    filter_layer: FilterLayer = None,
+    chunk_len: ChunkLen = None,
+    prefill_chunk: PrefillChunk = None,
+    option: MethodOptions = None,
+    max_new_tokens: MaxNewTokens = 256,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    password: Password = None,
     cache: Cache = None,
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: AsJson = False,
     evidence: bool = typer.Option(True, "--evidence/--no-evidence", help="Show the kept spans under the answer."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
+    quiet: Quiet = False,
     strict: bool = typer.Option(False, help="Fail on a folder's unreadable or unsupported file; default: skip it."),
-    trust_remote_code: bool = typer.Option(False, help="Run the model repo's own code (off by default)."),
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Answer questions about FILE...; answers stream to stdout, progress goes to stderr.
 
@@ -287,25 +302,22 @@ def chat(
         list[str],
         typer.Argument(help="Files (.pdf .docx .epub .html .md .txt), folders.", show_default=False),
     ],
-    model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face hub id or local model folder."),
-    method: str = typer.Option("gemfilter", help="Prefill method (see `longdoc info`)."),
-    top_k: int | None = typer.Option(None, help="Context tokens kept by gemfilter and the budgeted baselines."),
-    filter_layer: int | None = typer.Option(None, help="GemFilter: the selecting layer (default: known or 0.4 depth)."),
-    chunk_len: int | None = typer.Option(None, help="homer: most tokens per chunk (max_chunk_len)."),
-    prefill_chunk: int | None = typer.Option(None, help="Tokens per forward chunk of the prefill (memory vs speed)."),
-    option: Annotated[
-        list[str] | None,
-        typer.Option("--option", "-o", help="Any other method option as KEY=VALUE, e.g. -o score=softmax."),
-    ] = None,
-    max_new_tokens: int = typer.Option(256, help="Most tokens to generate."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", help="auto, bfloat16, float16 or float32."),
-    password: str | None = typer.Option(None, help="Password of an encrypted PDF."),
+    model: ModelOption = DEFAULT_MODEL,
+    method: MethodOption = "gemfilter",
+    top_k: TopK = None,
+    filter_layer: FilterLayer = None,
+    chunk_len: ChunkLen = None,
+    prefill_chunk: PrefillChunk = None,
+    option: MethodOptions = None,
+    max_new_tokens: MaxNewTokens = 256,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    password: Password = None,
     cache: Cache = None,
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: AsJson = False,
     evidence: bool = typer.Option(True, "--evidence/--no-evidence", help="Show the kept spans under each answer."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
-    trust_remote_code: bool = typer.Option(False, help="Run the model repo's own code (off by default)."),
+    quiet: Quiet = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Read FILE... once, then answer questions typed at the prompt, one per line; /quit or end of input stops.
 

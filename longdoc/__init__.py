@@ -33,6 +33,8 @@ _EXPORTS = {
     "SnapKV": "methods",
     "Streaming": "methods",
     "Rag": "methods",
+    "H2O": "methods",
+    "Lingua": "methods",
     "parse_method": "methods",
 }
 

@@ -26,6 +26,7 @@ from .methods import Full, Method, Prefill, parse_method
 from .model import load_model
 from .progress import ProgressHook, no_progress
 from .prompt import PromptLayout, build_layout, layout_completion, layout_messages
+from .quantized import quantized
 from .reading import ROOM, ReadingCache, ReadingStore, default_budgets
 from .reading import load as load_saved
 from .reading import save as save_reading
@@ -43,7 +44,9 @@ class Stats:
     decode_seconds: float = 0.0
     peak_memory_bytes: int | None = None  # GPU memory above the loaded model during prefill; None on CPU
     cache_bytes: int = 0  # the decoding cache's keys and values after prefill
-    reading: str = "none"  # "read": made for this question; "reused": an earlier reading; "none": not reusable
+    # "read": made for this question; "reused": an earlier reading of these tokens; "extended": an earlier reading of
+    # the first tokens, extended (a grown chat; equal to a fresh reading up to rounding); "none": nothing reusable
+    reading: str = "none"
     reused_tokens: int = 0  # prompt tokens whose work came from an earlier reading
     reading_bytes: int = 0  # the reading's keys and values (held for later questions)
     reading_device: str = "none"  # where the reading is held: cuda, cpu or none
@@ -103,6 +106,7 @@ class LongDoc:
         system_prompt: str | None = None,
         *,
         store: ReadingStore | None = None,
+        readings_on_host: bool = False,
         **method_options,
     ):
         self.model = model
@@ -113,7 +117,10 @@ class LongDoc:
         self.eos_ids = eos_token_ids(model, tokenizer)
         if store is None:
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
-            store = ReadingStore(*default_budgets(self.arch.device, weights), self.arch.device.type)
+            device_bytes, host_bytes = default_budgets(self.arch.device, weights)
+            if readings_on_host and self.arch.device.type != "cpu":  # GPU memory for the model; readings stream in
+                device_bytes, host_bytes = 0, host_bytes + device_bytes
+            store = ReadingStore(device_bytes, host_bytes, self.arch.device.type)
         self.store = store
 
     @classmethod
@@ -127,12 +134,17 @@ class LongDoc:
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         system_prompt: str | None = None,
+        readings_on_host: bool = False,
         **method_options,
     ) -> LongDoc:
-        """Load a hub id or a local folder (safetensors only). `method` is a Method object (or a name + options)."""
+        """Load a hub id or a local folder (safetensors only). `method` is a Method object (or a name + options).
+
+        `readings_on_host` keeps readings in pinned host memory (GPU memory for the model and one question);
+        a question then brings the reading's layers over as it uses them.
+        """
         parse_method(method, method_options)  # fail on bad options before loading weights
         loaded, tokenizer = load_model(model, device, dtype, attn_implementation, trust_remote_code)
-        return cls(loaded, tokenizer, method, system_prompt, **method_options)
+        return cls(loaded, tokenizer, method, system_prompt, readings_on_host=readings_on_host, **method_options)
 
     def with_method(self, method: Method | str, **method_options) -> LongDoc:
         """The same loaded model (and reading store) with another default method; nothing is reloaded."""
@@ -248,11 +260,9 @@ class LongDoc:
     def prefill(
         self, layout: PromptLayout, method: Method | None = None, progress: ProgressHook = no_progress
     ) -> Prefill:
-        """The method's prefill of `layout` (through the reading store); for callers that decode themselves."""
-        prefill, _, release = self._prefill(layout, method or self.method, progress)
-        if release is not None:
-            release()  # the caller decodes alone: nothing else uses the reading meanwhile
-        return prefill
+        """The method's prefill of `layout`, for callers that decode themselves: its cache is their own, so no
+        reading is used or kept (the result is the same by construction; see prompt.py's reading_len)."""
+        return self._prefill(layout, method or self.method, progress, use_store=False)[0]
 
     def _start(self, layout: PromptLayout, method: Method, config: GenerationConfig, progress) -> AnswerStream:
         self._check_question(layout)
@@ -262,7 +272,7 @@ class LongDoc:
         pieces = self._decode(prefill, config, stats)
         return AnswerStream(evidence, stats, pieces, on_close=release)
 
-    def _prefill(self, layout: PromptLayout, method: Method, progress):
+    def _prefill(self, layout: PromptLayout, method: Method, progress, use_store: bool = True):
         """(prefill, stats, release): `release` hands the reading back once decoding (which may append to
         the reading's buffers, for full) is over."""
         notes = []
@@ -272,10 +282,14 @@ class LongDoc:
         head = layout.token_ids()[: layout.reading_len]
         with Measure(self.arch.device) as measure:
             try:
-                cache, how = self._reading_for(method, head, progress) if method.reusable else (None, "none")
+                reuse = method.reusable and use_store
+                cache, how = self._reading_for(method, head, progress) if reuse else (None, "none")
                 lease = cache.lease(self.arch.device) if cache is not None else None
                 try:
                     prefill = method.prefill(self.arch, layout, progress, reading=lease)
+                    if method.kv_bits is not None:
+                        prefill.cache = quantized(prefill.cache, method.kv_bits)
+                        prefill.notes.append(f"kv_bits={method.kv_bits}: the decoding cache is quantized (KIVI)")
                 except BaseException:
                     if cache is not None:
                         cache.release()
@@ -285,7 +299,7 @@ class LongDoc:
                     f"out of GPU memory prefilling {len(layout)} tokens with {method.describe()}; try method "
                     "Homer(), a smaller top_k or prefill_chunk, or another device"
                 ) from None
-        if how == "none" and method.reusable is False and layout.context_len:
+        if not method.reusable and layout.context_len:
             notes.append(f"{method.name}: its compression depends on the question, so it is redone for each question")
         stats = Stats(
             method=method.name,
@@ -295,7 +309,7 @@ class LongDoc:
             peak_memory_bytes=measure.peak_bytes,
             cache_bytes=prefill.cache.nbytes(),
             reading=how,
-            reused_tokens=len(head) if how == "reused" else 0,
+            reused_tokens={"reused": len(head), "extended": cache.extended_from if cache else 0}.get(how, 0),
             reading_bytes=cache.nbytes if cache is not None else 0,
             reading_device=cache.device if cache is not None else "none",
             compressed_span=(layout.prefix_len, layout.prefix_len + layout.context_len),
@@ -310,20 +324,24 @@ class LongDoc:
         if not method.reusable or not head:
             return ReadingCache(method, head, None), "none"
         found = self.store.find(method, head)
-        if found is not None:
-            if found.device == "cpu" and self.arch.device.type != "cpu":
-                found.to(self.arch.device)
+        if found is not None:  # one held in host memory stays there: its lease streams layers to the GPU
             return found, "reused"
         if not keep and not self.store.fits(self.reading_bytes(method, len(head))):
             return None, "none"  # too large to keep: the method's own one-pass prefill, same result
         start = time.perf_counter()
-        ids = torch.tensor([head], device=self.arch.device)
-        cache = method.read(self.arch, ids, progress)
-        cache.capacity = len(head) + ROOM
-        cache.with_room(ROOM)
-        reading = ReadingCache(method, head, cache, seconds=time.perf_counter() - start)
+        base = self.store.longest_prefix(method, head)
+        if base is not None:  # extend a copy of an earlier reading of the first tokens: equal up to rounding
+            cache = base.cache.to(self.arch.device)
+            cache.capacity = len(head) + ROOM
+            ids = torch.tensor([head[base.length :]], device=self.arch.device)
+            method.extend(self.arch, cache, ids, progress)
+        else:
+            ids = torch.tensor([head], device=self.arch.device)
+            cache = method.read(self.arch, ids, progress, capacity=len(head) + ROOM)
+        extended = base.length if base is not None else 0
+        reading = ReadingCache(method, head, cache, seconds=time.perf_counter() - start, extended_from=extended)
         self.store.add(reading)
-        return reading, "read"
+        return reading, "extended" if base is not None else "read"
 
     def reading_bytes(self, method: Method, tokens: int) -> int:
         """Keys and values a reading of `tokens` tokens would hold (gemfilter's last layer holds keys only)."""
@@ -342,7 +360,7 @@ class LongDoc:
                 counted += 1
                 yield token
 
-        tokens = counting(generate_tokens(self.arch, prefill, config, self.eos_ids))
+        tokens = counting(generate_tokens(self.arch, prefill, config, self.eos_ids, notes=stats.notes))
         try:
             yield from stream_text(self.tokenizer, tokens, config.stop)
         except torch.OutOfMemoryError:

@@ -146,16 +146,19 @@ class Arch:
         cache=None,
         layers: range | None = None,
         tap: Callable[[int, torch.Tensor], None] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run decoder `layers` (all by default) over `hidden` (1, q, d), the one loop every pass goes through.
 
         The new rows attend to what `cache` already holds at each layer, causally. `tap(i, layer_input)` is
         called before layer i runs, for passes that need a layer's queries (SnapKV, HOMER, calibration).
+        `mask` replaces the causal one (graph decoding hides a static buffer's unwritten slots with it).
         """
         layers = range(self.num_layers) if layers is None else layers
-        past = cache.seq_length(layers[0]) if cache is not None else 0
-        q_len = hidden.shape[1]
-        mask = self.attention_mask(q_len, past + q_len, hidden.dtype, hidden.device)
+        if mask is None:
+            past = cache.seq_length(layers[0]) if cache is not None else 0
+            q_len = hidden.shape[1]
+            mask = self.attention_mask(q_len, past + q_len, hidden.dtype, hidden.device)
         for i in layers:
             if tap is not None:
                 tap(i, hidden)

@@ -29,8 +29,10 @@ class KVCache:
         length = self.lengths[layer_idx]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if keys is None or length + new > keys.shape[-2]:
-            # Grow by a quarter, not double: a forked 128K-token cache must not double its memory to decode.
-            capacity = max(length + new, self.capacity, length + max(length // 4, 64))
+            # The capacity the caller announced if it suffices; else grow by a quarter, not double: a forked
+            # 128K-token cache must not double its memory to decode.
+            needed = length + new
+            capacity = self.capacity if self.capacity >= needed else max(needed, length + max(length // 4, 64))
             keys = _grow(keys, length, capacity, key_states)
             values = _grow(values, length, capacity, value_states)
             self.keys[layer_idx], self.values[layer_idx] = keys, values
@@ -121,3 +123,46 @@ def _grow(buffer: torch.Tensor | None, length: int, capacity: int, like: torch.T
     if buffer is not None and length:
         grown[..., :length, :] = buffer[..., :length, :]
     return grown
+
+
+class HostBackedCache(KVCache):
+    """A reading's cache held in (pinned) host memory, brought to the GPU one layer at a time as a question uses it.
+
+    A layer is copied when first touched (`update` or `layer`), with room for the question's rows; a layer the
+    question is done with can be freed. GemFilter's question pass frees each layer after it, so about one layer
+    of the reading is on the GPU at a time; full's decoding needs every layer, so all of them come over.
+    """
+
+    def __init__(self, host: KVCache, device: torch.device, room: int) -> None:
+        super().__init__(host.num_layers)
+        self.host, self.device, self.room = host, device, room
+        self.lengths = list(host.lengths)
+        self.fetched = [host.keys[i] is None for i in range(host.num_layers)]
+
+    def _fetch(self, layer_idx: int) -> None:
+        if self.fetched[layer_idx]:
+            return
+        self.fetched[layer_idx] = True
+        keys, values = self.host.layer(layer_idx)
+        length = keys.shape[-2]
+        for name, source in (("keys", keys), ("values", values)):
+            buffer = torch.empty((*source.shape[:-2], length + self.room, source.shape[-1]), dtype=source.dtype,
+                                 device=self.device)  # fmt: skip
+            buffer[..., :length, :].copy_(source, non_blocking=True)  # pinned memory: no host stall
+            getattr(self, name)[layer_idx] = buffer
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self._fetch(layer_idx)
+        return super().update(key_states, value_states, layer_idx)
+
+    def layer(self, layer_idx: int):
+        self._fetch(layer_idx)
+        return super().layer(layer_idx)
+
+    def free(self, layer_idx: int) -> None:
+        self.fetched[layer_idx] = True
+        super().free(layer_idx)
+
+    def fork(self) -> HostBackedCache:
+        """Already one question's own view (the host copy is never written): itself."""
+        return self

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .arch import Arch
+from .decode_graph import StaticDecoder, unsupported_reason
 from .errors import LongDocError
 from .methods.base import Prefill
 
@@ -61,21 +62,54 @@ def pick(logits: torch.Tensor, config: GenerationConfig, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def generate_tokens(arch: Arch, prefilled: Prefill, config: GenerationConfig, eos_ids: Iterable[int]) -> Iterator[int]:
-    """Yield generated token ids until EOS or `max_new_tokens`. Positions continue at `next_position`."""
+Decode = Callable[[int, int], torch.Tensor]  # (token, position) -> next (1, vocab) float32 logits
+
+
+def decoder(arch: Arch, prefilled: Prefill, max_steps: int, notes: list[str] | None, graph: bool = True) -> Decode:
+    """A CUDA graph replayed per token where the model and cache allow it, else the eager `step`.
+
+    On a GPU, the reason for decoding eagerly is added to `notes` (the answer's stats).
+    """
+    reason = unsupported_reason(arch, prefilled.cache) if graph else "graph decoding turned off"
+    if reason is None:
+        try:
+            return StaticDecoder(arch, prefilled.cache, prefilled.next_position, max_steps, capture=True)
+        except (RuntimeError, torch.OutOfMemoryError) as exc:  # the eager loop still has the untouched cache
+            reason = f"graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    if notes is not None and arch.device.type == "cuda":
+        notes.append(f"decoded eagerly: {reason}")
+    return lambda token, position: step(arch, token, position, prefilled)
+
+
+def generate_tokens(
+    arch: Arch,
+    prefilled: Prefill,
+    config: GenerationConfig,
+    eos_ids: Iterable[int],
+    *,
+    notes: list[str] | None = None,
+    graph: bool = True,
+) -> Iterator[int]:
+    """Yield generated token ids until EOS or `max_new_tokens`. Positions continue at `next_position`.
+
+    On CUDA the steps after the first token replay a captured graph (`decode_graph.py`); `graph=False`
+    keeps the eager loop. Why a GPU decoded eagerly is appended to `notes`.
+    """
     eos = set(eos_ids)
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=prefilled.last_logits.device).manual_seed(config.seed)
     logits = prefilled.last_logits
     position = prefilled.next_position
+    decode = None  # set up after the first token is out, so that it streams at once
     for i in range(config.max_new_tokens):
         token = pick(logits, config, generator)
         if token in eos:
             return
         yield token
         if i + 1 < config.max_new_tokens:
-            logits = step(arch, token, position, prefilled)
+            decode = decode or decoder(arch, prefilled, config.max_new_tokens - 1, notes, graph)
+            logits = decode(token, position)
             position += 1
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import KVCache
+from .cache import HostBackedCache, KVCache
 from .errors import LongDocError
 from .methods import Method
 
@@ -43,6 +43,7 @@ class ReadingCache:
     ids: list[int]
     cache: KVCache | None  # None for methods that recompute per question
     seconds: float = 0.0  # time it took to read
+    extended_from: int = 0  # tokens taken from an earlier reading (0: read from the start)
     in_use: bool = field(default=False, repr=False)
 
     @property
@@ -67,6 +68,8 @@ class ReadingCache:
         out (an unfinished stream) is a copy, so two questions never write the same rows."""
         if self.cache is None:
             return None
+        if self.device == "cpu" and device.type != "cpu":  # held in host memory: layers come over as used
+            return HostBackedCache(self.cache, device, ROOM)
         if self.in_use or self.device != device.type:
             return self.cache.to(device).with_room(ROOM)
         self.in_use = True
@@ -106,6 +109,17 @@ class ReadingStore:
         self.entries.move_to_end(key)
         self.hits += 1
         return reading
+
+    def longest_prefix(self, method: Method, ids: list[int]) -> ReadingCache | None:
+        """The reading by this method whose tokens are the longest proper prefix of `ids` (a chat that grew, a
+        document with more appended), or None."""
+        key = method.describe()
+        best = None
+        for (described, _), reading in self.entries.items():
+            if described == key and reading.cache is not None and reading.length < len(ids) and reading.matches(ids):
+                if best is None or reading.length > best.length:
+                    best = reading
+        return best
 
     def fits(self, nbytes: int) -> bool:
         return nbytes <= max(self.device_bytes, self.host_bytes)

@@ -1,4 +1,5 @@
-"""CUDA-only checks (skipped on CPU): the mask-free attention kernel path and HOMER's host-memory parking on a GPU."""
+"""CUDA-only checks (skipped on CPU): the mask-free attention kernel path, HOMER's host-memory parking on a GPU,
+and graph-captured decoding against the eager loop."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ from test_core import CONTEXT, QUESTION
 from tiny_models import build_model
 
 from longdoc import LongDoc
-from longdoc.attention import chunk_after_cache, cudnn_attention_with_lse, cudnn_lse_usable, math_attention_with_lse
+from longdoc.attention import (
+    chunk_after_cache,
+    cudnn_attention_with_lse,
+    cudnn_lse_usable,
+    efficient_attention_with_lse,
+    efficient_lse_usable,
+    math_attention_with_lse,
+    split_kv_attention,
+)
+from longdoc.decode_graph import StaticDecoder
+from longdoc.generate import GenerationConfig, generate_tokens, step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -73,3 +84,90 @@ def test_bf16_cuda_attention_is_as_accurate_as_transformers_sdpa(tiny_model_dirs
     ours = (last_logits("bfloat16") - truth).abs().max().item()
     reference = (last_logits("bfloat16", "sdpa") - truth).abs().max().item()
     assert ours <= 2 * reference + 1e-2, (ours, reference)
+
+
+DECODE_METHODS = [("full", {}), ("gemfilter", {"top_k": 30}), ("homer", {"max_chunk_len": 1024, "warmup_layers": 1}),
+                  ("snapkv", {"top_k": 30})]  # fmt: skip
+
+
+LONG_CONTEXT = CONTEXT * 8  # 2,197 tokens: a buffer of 2,304 or more, which single_query_attention splits
+
+
+def decoded(doc: LongDoc, config: GenerationConfig, graph: bool) -> tuple[list[int], list[str]]:
+    notes: list[str] = []
+    prefilled = doc.prefill(doc.layout(LONG_CONTEXT, QUESTION))
+    tokens = list(generate_tokens(doc.arch, prefilled, config, (), notes=notes, graph=graph))
+    return tokens, notes
+
+
+@pytest.mark.parametrize("method, options", DECODE_METHODS)
+def test_graph_decoding_equals_the_eager_loop(tiny_model_dirs, family, method, options):
+    """float32 on CUDA: the replayed graph gives the eager loop's greedy tokens, and says nothing about falling back."""
+    doc = cuda_doc(tiny_model_dirs[family], method, **options)
+    config = GenerationConfig(max_new_tokens=40)
+    graph_tokens, notes = decoded(doc, config, graph=True)
+    eager_tokens, eager_notes = decoded(doc, config, graph=False)
+    assert notes == [] and eager_notes == ["decoded eagerly: graph decoding turned off"]
+    assert graph_tokens == eager_tokens
+
+
+def test_graph_decoding_samples_as_the_eager_loop_with_a_seed(tiny_model_dirs):
+    doc = cuda_doc(tiny_model_dirs["llama"], "gemfilter", top_k=30)
+    config = GenerationConfig(max_new_tokens=40, temperature=1.0, top_p=0.9, seed=3)
+    assert decoded(doc, config, graph=True)[0] == decoded(doc, config, graph=False)[0]
+
+
+@pytest.mark.parametrize("method, options", DECODE_METHODS[:2])
+def test_bf16_graph_decoding_is_as_accurate_as_the_eager_loop(tiny_model_dirs, family, method, options):
+    """bf16: fed the same tokens, the graph's logits err from float32 eager decoding no more than eager bf16's do."""
+    path = str(tiny_model_dirs[family])
+    exact = cuda_doc(path, method, **options)
+    half = LongDoc.from_pretrained(path, method=method, device="cuda", dtype="bfloat16", **options)
+    layout = exact.layout(LONG_CONTEXT, QUESTION)
+    truth, eager, static = exact.prefill(layout), half.prefill(layout), half.prefill(layout)
+    graph = StaticDecoder(half.arch, static.cache, static.next_position, max_steps=30, capture=True)
+    token, position = int(truth.last_logits.argmax(-1)), truth.next_position
+    for _ in range(30):
+        want = step(exact.arch, token, position, truth)
+        ours = (graph(token, position) - want).abs().max().item()
+        reference = (step(half.arch, token, position, eager) - want).abs().max().item()
+        assert ours <= 2 * reference + 1e-2, (ours, reference)
+        token, position = int(want.argmax(-1)), position + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("filled", [1000, 3 * 1280 - 1])
+def test_split_kv_kernel_matches_the_math(dtype, filled):
+    """Llama-3.1-8B's decode attention shape: the efficient kernel on split views joined equals float64 math."""
+    chunk = 1280
+    query = torch.randn(1, 8, 4, 128, device="cuda", dtype=dtype)
+    key, value = torch.randn(2, 1, 8, 3 * chunk, 128, device="cuda", dtype=dtype)
+    mask = torch.zeros(1, 1, 1, 3 * chunk, device="cuda", dtype=dtype)
+    mask[..., filled:] = torch.finfo(dtype).min
+    assert efficient_lse_usable(query, key)
+    got = split_kv_attention(query, key, value, mask, 128**-0.5, chunk, efficient_attention_with_lse)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query.double(), key[..., :filled, :].double(), value[..., :filled, :].double(), scale=128**-0.5
+    )
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3  # the kernel runs float32 on TF32 tensor cores (2.2e-4 seen)
+    torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("method", ["full", "gemfilter"])
+def test_follow_ups_on_a_gpu_with_the_reading_on_the_gpu_or_in_host_memory(tiny_model_dirs, method):
+    """A follow-up equals the one-shot answer on a GPU too, and a reading held in host memory changes nothing."""
+    from test_reading import QUESTIONS
+
+    path = str(tiny_model_dirs["llama"])
+    options = {"top_k": 30} if method == "gemfilter" else {}
+    on_gpu = LongDoc.from_pretrained(path, method=method, device="cuda", dtype="float32", **options)
+    on_host = LongDoc.from_pretrained(
+        path, method=method, device="cuda", dtype="float32", readings_on_host=True, **options
+    )
+    for question in QUESTIONS:
+        fresh = LongDoc.from_pretrained(path, method=method, device="cuda", dtype="float32", **options)
+        want = fresh.ask(CONTEXT, question, max_new_tokens=12).text
+        assert on_gpu.ask(CONTEXT, question, max_new_tokens=12).text == want
+        answer = on_host.ask(CONTEXT, question, max_new_tokens=12)
+        assert answer.text == want
+    assert answer.stats.reading == "reused" and answer.stats.reading_device == "cpu"

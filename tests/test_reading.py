@@ -178,3 +178,33 @@ def test_per_call_method_and_window_refusal(tiny_model_dirs):
     with pytest.raises(LongDocError, match="cannot read past; use method 'homer'"):
         doc.ask(long_text, QUESTIONS[0], max_new_tokens=2)
     assert doc.ask(long_text, QUESTIONS[0], method=Full(past_window=True), max_new_tokens=2).stats.tokens_in > 2048
+
+
+@pytest.mark.parametrize("method", REUSABLE, ids=lambda m: m.name)
+def test_a_grown_chat_extends_the_earlier_reading(tiny_model_dirs, method):
+    """Turn 2 holds turn 1's prompt head: its reading extends turn 1's instead of reading everything again."""
+    path = tiny_model_dirs["qwen3"]
+    doc = load(path, method)
+    turn1 = [("system", STUFF_SYSTEM.format(context=CONTEXT)), ("human", QUESTIONS[0])]
+    first = doc.ask_prompt(turn1, max_new_tokens=8)
+    turn2 = [*turn1, ("ai", first.text or "I do not know."), ("human", QUESTIONS[1] + " " + CONTEXT[:400])]
+    second = doc.ask_prompt(turn2, max_new_tokens=8)
+    assert first.stats.reading == "read"
+    assert second.stats.reading == "extended" and 0 < second.stats.reused_tokens < second.stats.tokens_in
+    assert second.text == load(path, method).ask_prompt(turn2, max_new_tokens=8).text  # equal up to rounding
+
+
+@pytest.mark.parametrize("method", REUSABLE, ids=lambda m: m.name)
+def test_a_reading_in_host_memory_streams_layers_and_changes_nothing(tiny_model_dirs, method):
+    """HostBackedCache (what a GPU question gets for a reading held in host memory) equals the shared fork."""
+    from longdoc.cache import HostBackedCache
+    from longdoc.reading import ROOM
+
+    doc = load(tiny_model_dirs["mistral"], method)
+    reading = doc.read(CONTEXT)
+    layout = doc.layout(CONTEXT, QUESTIONS[1])
+    shared = method.prefill(doc.arch, layout, reading=reading.cache.cache.fork())
+    streamed = method.prefill(doc.arch, layout, reading=HostBackedCache(reading.cache.cache, doc.arch.device, ROOM))
+    torch.testing.assert_close(streamed.last_logits, shared.last_logits, atol=0, rtol=0)
+    if shared.kept_context is not None:
+        assert streamed.kept_context.tolist() == shared.kept_context.tolist()

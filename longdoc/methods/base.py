@@ -36,8 +36,15 @@ class Prefill:
         self.tokens_kept = self.tokens_kept or self.cache.seq_length()
 
 
+@dataclass(frozen=True)
 class Method:
-    """Base of every method's settings dataclass: the facts callers ask instead of comparing names."""
+    """Base of every method's settings dataclass: the facts callers ask instead of comparing names.
+
+    `kv_bits` (8, 4 or 2) quantizes the cache each method hands to decoding, KIVI's way (longdoc/quantized.py);
+    it is keyword-only, so it follows each method's own fields.
+    """
+
+    kv_bits: int | None = field(default=None, kw_only=True)
 
     name: ClassVar[str]
     reads_past_window: ClassVar[bool] = False  # takes prompts longer than the model's trained window
@@ -50,6 +57,20 @@ class Method:
         self, arch: Arch, layout, progress: ProgressHook = no_progress, reading: KVCache | None = None
     ) -> Prefill:
         raise NotImplementedError
+
+    def read(
+        self, arch: Arch, input_ids: torch.Tensor, progress: ProgressHook = no_progress, capacity: int = 0
+    ) -> KVCache:
+        """The question-independent work on [prefix | document] (1, L) as a KVCache of `capacity` rows (reusable
+        methods): `extend` from nothing."""
+        cache = KVCache(arch.num_layers, capacity=capacity)
+        if input_ids.shape[1]:
+            self.extend(arch, cache, input_ids, progress)
+        return cache
+
+    def extend(self, arch: Arch, cache: KVCache, input_ids: torch.Tensor, progress: ProgressHook = no_progress) -> None:
+        """Add the work on `input_ids`, the tokens after those `cache` holds (reusable methods)."""
+        raise NotImplementedError(f"'{self.name}' does not reuse its work across questions")
 
     def reading_layers(self, arch: Arch) -> int:
         """How many layers of [prefix | document] keys and values a reading keeps (reusable methods)."""
@@ -121,6 +142,7 @@ def reread_kept(
     kept = layout.keep_index(kept_context.to(arch.device))
     input_ids = layout.input_ids(arch.device)[:, kept]
     m = input_ids.shape[1]
+    arch.check_span(m)
     cache = KVCache(arch.num_layers)
     logits = run_model(arch, input_ids, torch.arange(m, device=arch.device)[None], cache, prefill_chunk, progress)
     return cache, m, logits

@@ -30,12 +30,10 @@ class Full(Method):
     def reading_layers(self, arch: Arch) -> int:
         return arch.num_layers
 
-    def read(self, arch: Arch, input_ids: torch.Tensor, progress: ProgressHook = no_progress) -> KVCache:
-        """Every layer's keys and values of [prefix | document] (1, L)."""
-        cache = KVCache(arch.num_layers)
-        if input_ids.shape[1]:
-            run_model(arch, input_ids, _positions(0, input_ids, arch), cache, self.prefill_chunk, progress, "reading")
-        return cache
+    def extend(self, arch: Arch, cache: KVCache, input_ids: torch.Tensor, progress: ProgressHook = no_progress) -> None:
+        """Append every layer's keys and values of `input_ids` (1, m), which follow the rows `cache` holds."""
+        start = cache.seq_length()
+        run_model(arch, input_ids, _positions(start, input_ids, arch), cache, self.prefill_chunk, progress, "reading")
 
     def prefill(
         self, arch: Arch, layout, progress: ProgressHook = no_progress, reading: KVCache | None = None
@@ -43,7 +41,10 @@ class Full(Method):
         n, split = len(layout), layout.reading_len
         arch.check_span(n)
         input_ids = layout.input_ids(arch.device)
-        cache = reading.fork() if reading is not None else self.read(arch, input_ids[:, :split], progress)
+        if reading is not None:
+            cache = reading.fork()
+        else:
+            cache = self.read(arch, input_ids[:, :split], progress, capacity=n)
         rest = input_ids[:, split:]
         logits = run_model(arch, rest, _positions(split, rest, arch), cache, self.prefill_chunk, progress)
         return Prefill(cache=cache, next_position=n, last_logits=logits)

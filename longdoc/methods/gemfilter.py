@@ -97,18 +97,17 @@ class GemFilter(Method):
         return self.resolve_layer(arch)[0] + 1
 
     @torch.inference_mode()
-    def read(self, arch: Arch, input_ids: torch.Tensor, progress: ProgressHook = no_progress) -> KVCache:
-        """Layers 0..r-1's keys and values and layer r's keys of [prefix | document] (1, L)."""
+    def extend(self, arch: Arch, cache: KVCache, input_ids: torch.Tensor, progress: ProgressHook = no_progress) -> None:
+        """Append layers 0..r-1's keys and values and layer r's keys of `input_ids` (1, m), after `cache`'s rows."""
         layer, _ = self.resolve_layer(arch)
-        cache = KVCache(arch.num_layers)
+        start = cache.seq_length()
         hidden = arch.embed(input_ids)
-        rows = arch.rotary(hidden, torch.arange(input_ids.shape[1], device=hidden.device)[None])
+        rows = arch.rotary(hidden, torch.arange(start, start + input_ids.shape[1], device=hidden.device)[None])
         chunks = _chunks(0, input_ids.shape[1], self.prefill_chunk)
         self._filter_layers(arch, hidden, rows, cache, layer, chunks, True, progress)
-        for start, end in chunks:
-            keys = arch.keys(layer, hidden[:, start:end], _rows(rows, start, end))
+        for first, end in chunks:
+            keys = arch.keys(layer, hidden[:, first:end], _rows(rows, first, end))
             cache.update(keys, keys[..., :0], layer)
-        return cache
 
     @torch.inference_mode()
     def prefill(
@@ -154,7 +153,9 @@ class GemFilter(Method):
         rows = arch.rotary(hidden, torch.arange(first, n, device=hidden.device)[None])
         chunks = _chunks(0, split - first, self.prefill_chunk) + _chunks(split - first, n - first, self.prefill_chunk)
         cache = reading.fork() if reading is not None else KVCache(arch.num_layers)
-        self._filter_layers(arch, hidden, rows, cache, layer, chunks, reading is not None, progress)
+        # Each layer's keys and values are dropped once the question's rows have passed it (from a fork, only the
+        # fork's references): one layer alive, and a reading held in host memory streams in one layer at a time.
+        self._filter_layers(arch, hidden, rows, cache, layer, chunks, False, progress)
         for start, end in chunks:
             keys = arch.keys(layer, hidden[:, start:end], _rows(rows, start, end))
             cache.update(keys, keys[..., :0], layer)

@@ -1,0 +1,99 @@
+"""The static-capacity cache and decode step that CUDA graphs capture, checked on the CPU without a graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_core import CONTEXT, QUESTION, load
+
+from longdoc.attention import decode_chunk, math_masked_attention_with_lse, split_kv_attention
+from longdoc.cache import KVCache
+from longdoc.decode_graph import StaticCache, StaticDecoder, static_capacity, unsupported_reason
+from longdoc.generate import GenerationConfig, generate_tokens, step
+
+METHODS = [("full", {}), ("gemfilter", {"top_k": 30}), ("homer", {"max_chunk_len": 300, "warmup_layers": 1}),
+           ("snapkv", {"top_k": 30})]  # fmt: skip
+
+
+def filled_cache(lengths: list[int], kv_heads: int = 2, head_dim: int = 4) -> KVCache:
+    cache = KVCache(len(lengths))
+    for i, length in enumerate(lengths):
+        cache.update(torch.randn(1, kv_heads, length, head_dim), torch.randn(1, kv_heads, length, head_dim), i)
+    return cache
+
+
+def test_static_cache_writes_at_the_slot_and_masks_the_unwritten_slots():
+    source = filled_cache([5, 5])
+    cache = StaticCache(source, capacity=8)
+    minimum = torch.finfo(torch.float32).min
+    for i in range(2):
+        torch.testing.assert_close(cache.keys[i][..., :5, :], source.layer(i)[0], rtol=0, atol=0)
+        assert cache.keys[i].shape[-2] == 8 and not cache.keys[i][..., 5:, :].any()
+    assert cache.mask[0, 0, 0].tolist() == [0] * 5 + [minimum] * 3
+
+    new_keys, new_values = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4)
+    cache.reveal_slot()
+    keys, values = cache.update(new_keys, new_values, 1)
+    assert keys.shape[-2] == 8 and keys.data_ptr() == cache.keys[1].data_ptr()
+    torch.testing.assert_close(keys[..., 5:6, :], new_keys, rtol=0, atol=0)
+    torch.testing.assert_close(values[..., 5:6, :], new_values, rtol=0, atol=0)
+    assert cache.mask[0, 0, 0].tolist() == [0] * 6 + [minimum] * 2
+
+    cache.reset(5)
+    assert cache.slot.tolist() == [5] and cache.mask[0, 0, 0].tolist() == [0] * 5 + [minimum] * 3
+
+
+@pytest.mark.parametrize("needed", [1, 300, 1312, 4097, 8448, 33024, 131328])
+def test_static_capacity_splits_into_equal_chunks(needed):
+    capacity = static_capacity(needed)
+    chunk = decode_chunk(capacity)
+    assert needed <= capacity < needed + chunk
+    assert capacity % chunk == 0 and capacity // chunk <= 128
+
+
+@pytest.mark.parametrize("filled", [1, 256 + 7, 3 * 256])
+def test_split_kv_join_equals_one_masked_softmax(filled):
+    """Pieces joined by log-sum-exps equal one softmax over the buffer, also with whole pieces masked."""
+    query = torch.randn(1, 2, 3, 16, dtype=torch.float64)
+    key, value = torch.randn(2, 1, 2, 3 * 256, 16, dtype=torch.float64)
+    mask = torch.zeros(1, 1, 1, 3 * 256, dtype=torch.float64)
+    mask[..., filled:] = torch.finfo(torch.float64).min
+    got = split_kv_attention(query, key, value, mask, 0.25, 256, math_masked_attention_with_lse)
+    want = F.scaled_dot_product_attention(query, key[..., :filled, :], value[..., :filled, :], scale=0.25)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("method, options", METHODS)
+def test_static_step_decodes_as_the_eager_loop(tiny_model_dirs, family, method, options):
+    """The tensor code a graph captures, run eagerly: same logits at every step, same greedy tokens."""
+    doc = load(tiny_model_dirs[family], method, attn=None, **options)
+    layout = doc.layout(CONTEXT, QUESTION)
+    eager, static = doc.prefill(layout), doc.prefill(layout)
+    decoder = StaticDecoder(doc.arch, static.cache, static.next_position, max_steps=12, capture=False)
+    assert decoder.cache.capacity == static_capacity(static.cache.seq_length() + 12)
+    token, position = int(eager.last_logits.argmax(-1)), eager.next_position
+    for _ in range(12):
+        want = step(doc.arch, token, position, eager)
+        got = decoder(token, position)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        token, position = int(want.argmax(-1)), position + 1
+    with pytest.raises(ValueError, match="past capacity"):
+        decoder(token, position)
+
+
+def test_decoding_on_the_cpu_stays_eager_and_adds_no_note(tiny_model_dirs):
+    doc = load(tiny_model_dirs["llama"], "full", attn=None)
+    prefilled = doc.prefill(doc.layout(CONTEXT, QUESTION))
+    assert unsupported_reason(doc.arch, prefilled.cache) == "graphs need CUDA, the model is on cpu"
+    notes: list[str] = []
+    tokens = list(generate_tokens(doc.arch, prefilled, GenerationConfig(max_new_tokens=4), (), notes=notes))
+    assert len(tokens) == 4 and notes == []
+
+
+def test_reasons_for_decoding_eagerly(tiny_model_dirs):
+    doc = load(tiny_model_dirs["llama"], "full", attn=None)
+    uneven = filled_cache([5, 4, 5, 5])
+    assert unsupported_reason(doc.arch, uneven) == "the cache's layers hold different lengths ([4, 5])"
+    doc.arch.attn_implementation = "flash_attention_2"
+    assert unsupported_reason(doc.arch, filled_cache([5] * 4)) == "attention 'flash_attention_2' takes no length mask"
