@@ -16,8 +16,8 @@ Evidence (`response_metadata["evidence"]`, `LongDocQA`'s evidence documents) fol
 1-based (LangChain's PDF loaders number `page` from 0: longdoc reads `page_label`, else `page` + 1), offsets
 within the source's text, `page_content` the span's whole text and `quote` a one-line cut. Give the chat
 model `documents=[...]` and evidence found in a prompt names their source and page; otherwise it names the
-message. `timeout` and `max_retries` are LangChain's standard parameters; a local model makes no network
-calls, so they change nothing.
+message. `timeout`, `max_retries` and `api_key` are LangChain's standard parameters; a local model makes no
+network calls, so they change nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ try:
     )
     from langchain_core.runnables import RunnableConfig, RunnableSerializable
     from langchain_core.runnables.config import patch_config
-    from pydantic import Field, PrivateAttr
+    from pydantic import Field, PrivateAttr, SecretStr
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the LangChain integration needs langchain-core: pip install 'longdoc[langchain]'") from exc
 
@@ -204,7 +204,7 @@ def _check_arguments(cls, kwargs: dict) -> dict:
 OWN_FIELDS = (
     "model", "engine", "method", "method_options", "max_tokens", "max_new_tokens", "temperature", "top_p", "seed",
     "stop", "generate_kwargs", "system_prompt", "device", "device_map", "dtype", "attn_implementation",
-    "trust_remote_code", "model_kwargs", "documents", "streaming", "timeout", "max_retries", "callbacks", "tags",
+    "trust_remote_code", "model_kwargs", "documents", "streaming", "timeout", "max_retries", "api_key", "callbacks", "tags",
     "metadata", "verbose", "cache", "rate_limiter", "disable_streaming",
 )  # fmt: skip
 
@@ -246,6 +246,7 @@ class ChatLongDoc(_LongDocFields, BaseChatModel):
     streaming: bool = False
     timeout: float | None = None  # accepted for compatibility; nothing goes over a network
     max_retries: int = 0  # accepted for compatibility; nothing goes over a network
+    api_key: SecretStr | None = Field(default=None, exclude=True)  # accepted for compatibility: no service, no key
     _base: LongDoc | None = PrivateAttr(default=None)
     _doc: LongDoc | None = PrivateAttr(default=None)
 

@@ -37,9 +37,7 @@ PARAMS = {"model": str(MODEL), "method": "gemfilter", "method_options": NEEDLE_G
 _OTHER_DIR = tempfile.mkdtemp(prefix="longdoc-other-")
 atexit.register(shutil.rmtree, _OTHER_DIR, ignore_errors=True)
 OTHER_MODEL = str(build_model("llama", Path(_OTHER_DIR) / "tiny-llama"))
-# The held-out books beside the checkout (a worktree keeps them one level further up).
-BOOK_DIRS = [BOOKS, BOOKS.parents[3] / "shared" / "corpus" / "books"]
-FOUND_BOOKS = next((b for b in BOOK_DIRS if b.is_dir()), None)
+FOUND_BOOKS = BOOKS if BOOKS.is_dir() else None  # the held-out books beside the checkout
 needs_books = pytest.mark.skipif(FOUND_BOOKS is None, reason="needs ../shared/corpus/books beside the checkout")
 
 
@@ -197,7 +195,7 @@ def test_completion_template_keeps_the_question():
 
 
 @needs_books
-def test_five_questions_through_a_chain_read_the_document_once(haystacks):
+def test_five_questions_through_a_chain_read_the_document_once(haystacks, one_thread):
     """Follow-ups reuse the reading: prefill at ~3.5K tokens <= 0.3 x the first; answers equal fresh calls."""
     sample = haystacks.sample(random.Random("reuse"), 3400, needles=1, depth=0.5)
     questions = [sample.question] + [sample.question.replace(sample.key, k) for k in ("apple", "river", "cloud", "x")]
