@@ -204,8 +204,8 @@ def _check_arguments(cls, kwargs: dict) -> dict:
 OWN_FIELDS = (
     "model", "engine", "method", "method_options", "max_tokens", "max_new_tokens", "temperature", "top_p", "seed",
     "stop", "generate_kwargs", "system_prompt", "device", "device_map", "dtype", "attn_implementation",
-    "trust_remote_code", "model_kwargs", "documents", "streaming", "timeout", "max_retries", "api_key", "callbacks", "tags",
-    "metadata", "verbose", "cache", "rate_limiter", "disable_streaming",
+    "trust_remote_code", "model_kwargs", "documents", "streaming", "timeout", "max_retries", "api_key", "callbacks",
+    "tags", "metadata", "verbose", "cache", "rate_limiter", "disable_streaming",
 )  # fmt: skip
 
 
