@@ -181,6 +181,21 @@ def finish_reason(answer: Answer, options: dict) -> str:
     return "length" if answer.stats.tokens_out >= options.get("max_new_tokens", 256) else "stop"
 
 
+def answer_stats(answer: Answer, options: dict) -> dict:
+    """The answer's stats both frameworks' response metadata carry."""
+    s = answer.stats
+    return dict(
+        method=s.method,
+        tokens_in=s.tokens_in,
+        tokens_kept=s.tokens_kept,
+        prefill_seconds=s.prefill_seconds,
+        reading=s.reading,
+        reused_tokens=s.reused_tokens,
+        finish_reason=finish_reason(answer, options),
+        notes=s.notes,
+    )
+
+
 # ----- evidence -----
 def place_evidence(document: Document, evidence) -> list[dict]:
     """Evidence spans (strongest first) in the documents given: source, 1-based page, offsets in that source,

@@ -48,9 +48,9 @@ from longdoc import Answer, LongDoc, LongDocError
 
 from .common import (
     Sources,
+    answer_stats,
     as_document,
     engine_for,
-    finish_reason,
     generation_options,
     load_options,
     place_evidence,
@@ -131,16 +131,9 @@ class _LongDocFields:
         return dict(
             model_name=model,
             model_provider="longdoc",
-            method=s.method,
-            tokens_in=s.tokens_in,
-            tokens_kept=s.tokens_kept,
-            prefill_seconds=s.prefill_seconds,
+            **answer_stats(answer, options),
             decode_seconds=s.decode_seconds,
-            reading=s.reading,
-            reused_tokens=s.reused_tokens,
-            finish_reason=finish_reason(answer, options),
             evidence=evidence,
-            notes=s.notes,
         )
 
     def get_token_ids(self, text: str) -> list[int]:

@@ -53,10 +53,10 @@ from longdoc.documents import Document
 from .common import (
     LONG_CONTEXT,
     Sources,
+    answer_stats,
     as_document,
     context_window,
     engine_for,
-    finish_reason,
     generation_options,
     load_options,
     place_evidence,
@@ -251,17 +251,10 @@ def raw_of(answer: Answer, options: dict, evidence: list[dict]) -> dict:
     """What a response's `raw` holds: stats, usage as LlamaIndex's token counter reads it, evidence."""
     s = answer.stats
     return dict(
-        method=s.method,
-        tokens_in=s.tokens_in,
-        tokens_kept=s.tokens_kept,
+        **answer_stats(answer, options),
         tokens_out=s.tokens_out,
-        prefill_seconds=s.prefill_seconds,
-        reading=s.reading,
-        reused_tokens=s.reused_tokens,
-        finish_reason=finish_reason(answer, options),
         usage=dict(prompt_tokens=s.tokens_in, completion_tokens=s.tokens_out, total_tokens=s.tokens_in + s.tokens_out),
         evidence=evidence,
-        notes=s.notes,
     )
 
 
