@@ -2,8 +2,8 @@
 
 After the ordinary prefill, the last `window` prompt tokens (the observation window) vote in every
 layer: their softmax attention over the earlier keys, averaged over the query heads of each KV head
-and summed over the window, average-pooled (kernel 5) over every earlier row, picks `top_k` context keys per KV head. The
-prefix, those keys and the window stay, at their original positions; decoding continues at n.
+and summed over the window, average-pooled (kernel 5) over every earlier row, picks `top_k` context
+keys per KV head. The prefix, those keys and the window stay, at their original positions; decoding continues at n.
 """
 
 from __future__ import annotations
