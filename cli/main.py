@@ -50,7 +50,9 @@ def ask(
         typer.Option("--question", "-q", help="A question; repeat for several, answered from one reading."),
     ] = None,
     model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face hub id or local model folder."),
-    method: str = typer.Option("gemfilter", help="Prefill method (see `longdoc info`)."),
+    method: str = typer.Option(
+        "auto", help="Prefill method (see `longdoc info`); auto: gemfilter within the trained window, homer past it."
+    ),
     top_k: int | None = typer.Option(None, help="Context tokens kept by gemfilter and the budgeted baselines."),
     filter_layer: int | None = typer.Option(None, help="GemFilter: the selecting layer (default: known or 0.4 depth)."),
     chunk_len: int | None = typer.Option(None, help="homer: most tokens per chunk (max_chunk_len)."),
@@ -288,7 +290,9 @@ def chat(
         typer.Argument(help="Files (.pdf .docx .epub .html .md .txt), folders.", show_default=False),
     ],
     model: str = typer.Option(DEFAULT_MODEL, help="Hugging Face hub id or local model folder."),
-    method: str = typer.Option("gemfilter", help="Prefill method (see `longdoc info`)."),
+    method: str = typer.Option(
+        "auto", help="Prefill method (see `longdoc info`); auto: gemfilter within the trained window, homer past it."
+    ),
     top_k: int | None = typer.Option(None, help="Context tokens kept by gemfilter and the budgeted baselines."),
     filter_layer: int | None = typer.Option(None, help="GemFilter: the selecting layer (default: known or 0.4 depth)."),
     chunk_len: int | None = typer.Option(None, help="homer: most tokens per chunk (max_chunk_len)."),

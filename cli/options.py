@@ -43,11 +43,12 @@ def method_options(method: str, **values) -> dict:
     """Map --top-k / --filter-layer / --chunk-len / --prefill-chunk onto the method's own fields."""
     from dataclasses import fields
 
-    from longdoc.methods import METHODS
+    from longdoc.methods import METHODS, Auto
 
     if method not in METHODS:
         raise LongDocError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
-    accepted = {f.name for f in fields(METHODS[method])}
+    chosen = [Auto().within, Auto().beyond] if METHODS[method] is Auto else [METHODS[method]]
+    accepted = {f.name for cls in chosen for f in fields(cls)}  # auto passes options on to the methods it picks
     options = {}
     for option, value in values.items():
         if value is None:

@@ -22,7 +22,7 @@ from .errors import LongDocError
 from .evidence import Evidence, evidence_spans
 from .generate import GenerationConfig, eos_token_ids, generate_tokens, stream_text
 from .measure import Measure
-from .methods import Full, Method, Prefill, parse_method
+from .methods import Auto, Full, Method, Prefill, parse_method
 from .model import load_model
 from .progress import ProgressHook, no_progress
 from .prompt import PromptLayout, build_layout, layout_completion, layout_messages
@@ -99,7 +99,7 @@ class LongDoc:
         self,
         model,
         tokenizer,
-        method: Method | str = "gemfilter",
+        method: Method | str = "auto",
         system_prompt: str | None = None,
         *,
         store: ReadingStore | None = None,
@@ -120,7 +120,7 @@ class LongDoc:
     def from_pretrained(
         cls,
         model: str,
-        method: Method | str = "gemfilter",
+        method: Method | str = "auto",
         *,
         device: str = "auto",
         dtype: str = "auto",
@@ -205,6 +205,8 @@ class LongDoc:
         method = method or self.method
         layout = self.layout(document.text, "?")  # the prefix and document do not depend on the question
         head = layout.token_ids()[: layout.reading_len]
+        if isinstance(method, Auto):  # auto's reading is the chosen method's (gemfilter's when the text fits)
+            method = method.pick(self.arch, len(layout))
         if method.reusable:
             self._check_window(method, len(head))
         cache = self._reading_for(method, head, progress, keep=True)[0]
@@ -266,6 +268,9 @@ class LongDoc:
         """(prefill, stats, release): `release` hands the reading back once decoding (which may append to
         the reading's buffers, for full) is over."""
         notes = []
+        if isinstance(method, Auto):
+            notes.append(method.why(self.arch, len(layout)))
+            method = method.pick(self.arch, len(layout))
         if not layout.context_len:  # nothing to compress: every method's prefill is the plain one
             method, notes = Full(), ["no context: plain prefill of the question"]
         self._check_window(method, len(layout))
@@ -365,7 +370,8 @@ class LongDoc:
         if window and tokens > window and not (method.reads_past_window or getattr(method, "past_window", False)):
             raise LongDocError(
                 f"the prompt has {tokens} tokens, more than the model's {window}-token window, which method "
-                f"'{method.name}' cannot read past; use method 'homer', or set past_window=True to run it anyway"
+                f"'{method.name}' cannot read past; use method 'auto' (homer past the window) or method 'homer', or "
+                "set past_window=True to run it anyway"
             )
 
 

@@ -1,4 +1,4 @@
-"""Prefill methods: one frozen dataclass each (`Full`, `GemFilter`, `Homer`, `SnapKV`, `Streaming`, `Rag`).
+"""Prefill methods: one frozen dataclass each (`Auto`, `Full`, `GemFilter`, `Homer`, `SnapKV`, `Streaming`, `Rag`).
 
 In Python a method is an object: `GemFilter(top_k=1024)`. At the edges (CLI, framework integrations,
 benchmarks) a name and string options become one through `parse_method`, which converts each value
@@ -13,6 +13,7 @@ import warnings
 from dataclasses import fields
 
 from ..errors import LongDocError
+from .auto import Auto
 from .base import Method, Prefill
 from .full import Full
 from .gemfilter import GemFilter
@@ -24,6 +25,7 @@ from .streaming import Streaming
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (
+        Auto,
         Full,
         GemFilter,
         Homer,
@@ -56,6 +58,8 @@ def parse_method(name: str | Method, options: dict | None = None) -> Method:
     if name not in METHODS:
         raise LongDocError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
     cls = METHODS[name]
+    if cls is Auto:  # its options belong to the two methods it chooses between
+        return Auto.from_options(options, parse_method)
     renamed = {**RENAMED, **RENAMED_IN.get(name, {})}
     types_by_field = typing.get_type_hints(cls)
     accepted = [f.name for f in fields(cls)]
@@ -112,6 +116,7 @@ def convert(key: str, value, annotation):
 
 __all__ = [
     "METHODS",
+    "Auto",
     "Full",
     "GemFilter",
     "Homer",
