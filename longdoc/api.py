@@ -24,6 +24,7 @@ from .generate import GenerationConfig, eos_token_ids, generate_tokens, stream_t
 from .measure import Measure
 from .methods import Auto, Full, Method, Prefill, parse_method
 from .model import load_model
+from .profile import Profile, configure, load_profile
 from .progress import ProgressHook, no_progress
 from .prompt import PromptLayout, build_layout, layout_completion, layout_messages
 from .reading import ROOM, ReadingCache, ReadingStore, default_budgets
@@ -103,12 +104,15 @@ class LongDoc:
         system_prompt: str | None = None,
         *,
         store: ReadingStore | None = None,
+        profile: Profile | None = None,
         **method_options,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.arch = Arch(model)
-        self.method = parse_method(method, method_options)
+        self.profile = profile  # the model's tuned settings (longdoc.json); a method named by string gets them
+        options, self.profile_notes = configure(method, method_options, profile)
+        self.method = parse_method(method, options)
         self.system_prompt = system_prompt
         self.eos_ids = eos_token_ids(model, tokenizer)
         if store is None:
@@ -129,14 +133,24 @@ class LongDoc:
         system_prompt: str | None = None,
         **method_options,
     ) -> LongDoc:
-        """Load a hub id or a local folder (safetensors only). `method` is a Method object (or a name + options)."""
-        parse_method(method, method_options)  # fail on bad options before loading weights
+        """Load a hub id or a local folder (safetensors only). `method` is a Method object (or a name + options);
+        a name gets the model's profile (`longdoc tune`) under the options given."""
+        profile = load_profile(model)
+        parse_method(method, configure(method, method_options, profile)[0])  # fail on bad options before loading
         loaded, tokenizer = load_model(model, device, dtype, attn_implementation, trust_remote_code)
-        return cls(loaded, tokenizer, method, system_prompt, **method_options)
+        return cls(loaded, tokenizer, method, system_prompt, profile=profile, **method_options)
 
     def with_method(self, method: Method | str, **method_options) -> LongDoc:
         """The same loaded model (and reading store) with another default method; nothing is reloaded."""
-        return LongDoc(self.model, self.tokenizer, method, self.system_prompt, store=self.store, **method_options)
+        return LongDoc(
+            self.model,
+            self.tokenizer,
+            method,
+            self.system_prompt,
+            store=self.store,
+            profile=self.profile,
+            **method_options,
+        )
 
     # ----- layouts -----
     def layout(self, context: str, question: str) -> PromptLayout:
@@ -268,6 +282,9 @@ class LongDoc:
         """(prefill, stats, release): `release` hands the reading back once decoding (which may append to
         the reading's buffers, for full) is over."""
         notes = []
+        # The engine's own method (or one auto picks from it) carries the profile's settings.
+        own = self.method
+        configured = method == own or (isinstance(own, Auto) and method in (own.within, own.beyond))
         if isinstance(method, Auto):
             notes.append(method.why(self.arch, len(layout)))
             method = method.pick(self.arch, len(layout))
@@ -304,7 +321,9 @@ class LongDoc:
             reading_bytes=cache.nbytes if cache is not None else 0,
             reading_device=cache.device if cache is not None else "none",
             compressed_span=(layout.prefix_len, layout.prefix_len + layout.context_len),
-            notes=notes + prefill.notes,
+            notes=notes
+            + prefill.notes
+            + ([self.profile_notes[method.name]] if configured and method.name in self.profile_notes else []),
         )
         return prefill, stats, (cache.release if cache is not None else None)
 
