@@ -55,3 +55,12 @@ def test_auto_options_go_to_the_methods_it_picks():
         parse_method("auto", {"keys": "3"})
     with pytest.raises(LongDocError, match="cannot read past the trained window"):
         parse_method("auto", {"beyond": "full"})
+
+
+@pytest.mark.parametrize("method", ["auto", "full", "gemfilter", "homer", "snapkv", "streaming", "rag"])
+def test_every_method_gives_evidence_or_says_why_none(tiny_model_dirs, method):
+    options = {"max_chunk_len": 300} if method == "homer" else {}
+    answer = load(tiny_model_dirs["llama"], method, **options).ask(CONTEXT, QUESTION, max_new_tokens=2)
+    assert answer.evidence or any("no evidence" in note for note in answer.stats.notes)
+    if method == "full":
+        assert not answer.evidence and "full: no evidence spans, it keeps every token" in answer.stats.notes
