@@ -27,21 +27,30 @@ def sweep_filter_layer(
     samples: int,
     seed: int = 0,
     progress: ProgressHook = no_progress,
+    needles: int = 1,
 ) -> tuple[dict[int, dict[int, float]], list[dict]]:
     """GemFilter accuracy at every filter layer: ({length: {layer: accuracy}}, records)."""
+    base = unprofiled(base)
     series: dict[int, dict[int, float]] = {length: {} for length in lengths}
     records = []
     layers = base.arch.num_layers
     for layer in range(layers):
         doc = base.with_method("gemfilter", **{**options, "filter_layer": layer})
         for length in lengths:
-            cell = needle_records(doc, haystacks, length=length, samples=samples, seed=seed)
+            cell = needle_records(doc, haystacks, length=length, needles=needles, samples=samples, seed=seed)
             for record in cell:
                 record["filter_layer"] = layer
             records.extend(cell)
             series[length][layer] = accuracy(cell)
         progress("filter layers", layer + 1, layers)
     return series, records
+
+
+def unprofiled(base):
+    """The same loaded model without its profile: a sweep measures the options it is given, not the old profile's."""
+    from .api import LongDoc
+
+    return LongDoc(base.model, base.tokenizer, "full", base.system_prompt, store=base.store)
 
 
 def mean_accuracy(series: dict[int, dict[int, float]], layer: int) -> float:
@@ -120,6 +129,7 @@ def tune(base, haystacks, texts: list[str], folder, *, samples: int, lengths: li
 
     if "filter_layer" in options:
         raise LongDocError("tune sweeps filter_layer itself; do not pass it")
+    base = unprofiled(base)
     gemfilter = tune_gemfilter(base, haystacks, options, lengths, samples, seed, progress)
     homer = tune_homer(base, haystacks, texts, folder, samples, seed, progress)
     return dict(
