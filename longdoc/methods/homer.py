@@ -8,6 +8,12 @@ chunk states are alive, and memory grows with log(n). Pruning also drops the sam
 the chunk's lower layers (propagative refinement), so the root ends with an ordinary KV cache
 that holds the same tokens in every layer, and decoding runs on it unchanged.
 
+Any length on any depth: a tree with more levels than the layers after warm-up spreads its levels
+over those layers, and a level without a layer of its own merges at the layer of the level below,
+pruning by that layer's scores (layer_schedule). Budgets pass down the tree as in the reference:
+half a chunk per child, a lone left child unpruned, and a short last chunk kept whole with its left
+sibling keeping the rest (_Run.budgets).
+
 Positions follow the reference: every chunk's context starts at position len(prefix); the
 suffix sits at len(prefix) + chunk_len in every chunk; merged position ids are concatenated,
 never renumbered, so no position exceeds max_chunk_len. Decoding continues at the last one + 1.
