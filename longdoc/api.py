@@ -288,6 +288,8 @@ class LongDoc:
         if isinstance(method, Auto):
             notes.append(method.why(self.arch, len(layout)))
             method = method.pick(self.arch, len(layout))
+        elif isinstance(own, Auto) and method is own.pick(self.arch, len(layout)):  # a reading auto picked for
+            notes.append(own.why(self.arch, len(layout)))
         if not layout.context_len:  # nothing to compress: every method's prefill is the plain one
             method, notes = Full(), ["no context: plain prefill of the question"]
         self._check_window(method, len(layout))

@@ -38,6 +38,7 @@ def test_a_reading_of_an_auto_prompt_that_fits_is_gemfilters(tiny_model_dirs):
     assert isinstance(reading.method, GemFilter) and reading.tokens > 0
     answer = reading.ask(QUESTION, max_new_tokens=8)
     assert answer.stats.reading == "reused" and answer.stats.method == "gemfilter"
+    assert any(note.startswith("auto: gemfilter") for note in answer.stats.notes)  # the CLI asks through readings
     assert answer.text == doc.ask(CONTEXT, QUESTION, max_new_tokens=8).text
 
 
