@@ -243,6 +243,8 @@ class LongDoc:
             raise LongDocError(f"{folder} holds no readable saved reading; save one with reading.save") from None
         if source is not None:
             document = as_document(source)
+        if isinstance(method, Auto):  # saved as the method auto picked for this document (see read)
+            method = method.pick(self.arch, len(self.layout(document.text, "?")))
         cache = load_saved(Path(folder), self.facts(method, document), method, self.arch.num_layers, self.arch.device)
         self.store.add(cache)
         return Reading(self, method, document, cache)
