@@ -210,8 +210,8 @@ def layers(
 
     def work():
         from longdoc import LongDoc
-        from longdoc.bench.evaluate import accuracy, needle_records
         from longdoc.bench.plots import lines
+        from longdoc.tune import sweep_filter_layer
 
         length_list = _ints(lengths)
         config = per_method_options(["gemfilter"], option or [], top_k=top_k)["gemfilter"]
@@ -220,18 +220,13 @@ def layers(
         base = LongDoc.from_pretrained(model, method="full", device=device)
         haystacks, used_books = _haystacks(books, base.tokenizer, held_out)
         num_layers = base.arch.num_layers
-        records, series = [], {f"{length} tokens": {} for length in length_list}
         with progress_bar(quiet) as bar:
-            task = bar.add_task("layers", total=num_layers * len(length_list) * samples)
-            for layer in range(num_layers):
-                doc = base.with_method("gemfilter", filter_layer=layer, **config)
-                for length in length_list:
-                    cell = needle_records(doc, haystacks, length=length, needles=needles, samples=samples, seed=seed)
-                    for record in cell:
-                        record["filter_layer"] = layer
-                    records.extend(cell)
-                    series[f"{length} tokens"][layer] = accuracy(cell)
-                    bar.advance(task, samples)
+            task = bar.add_task("layers", total=num_layers)
+            advance = lambda stage, done, total: bar.update(task, completed=done)  # noqa: E731
+            by_length, records = sweep_filter_layer(
+                base, haystacks, config, length_list, samples, seed, advance, needles=needles
+            )
+        series = {f"{length} tokens": by_length[length] for length in length_list}
         mean = {layer: _mean(series[s][layer] for s in series) for layer in range(num_layers)}
         best = max(mean, key=lambda layer: (mean[layer], -layer))
         lines(

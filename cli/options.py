@@ -47,9 +47,11 @@ def method_options(method: str, **values) -> dict:
     """Map --top-k / --filter-layer / --chunk-len / --prefill-chunk onto the method's own fields."""
     from dataclasses import fields
 
-    from longdoc.methods import METHODS, method_class
+    from longdoc.methods import METHODS, Auto, method_class
 
-    accepted = {f.name for f in fields(method_class(method))}
+    cls = method_class(method)
+    chosen = [Auto().within, Auto().beyond] if cls is Auto else [cls]
+    accepted = {f.name for kind in chosen for f in fields(kind)}  # auto passes options on to the methods it picks
     options = {}
     for option, value in values.items():
         if value is None:

@@ -27,6 +27,7 @@ _EXPORTS = {
     "GenerationConfig": "generate",
     "METHODS": "methods",
     "Method": "methods",
+    "Auto": "methods",
     "Full": "methods",
     "GemFilter": "methods",
     "Homer": "methods",

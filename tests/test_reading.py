@@ -165,7 +165,7 @@ def test_methods_declare_what_callers_need():
     from longdoc import METHODS
 
     assert {name for name, cls in METHODS.items() if cls.reusable} == {"full", "gemfilter"}
-    assert {name for name, cls in METHODS.items() if cls.reads_past_window} == {"homer", "rag"}
+    assert {name for name, cls in METHODS.items() if cls.reads_past_window} == {"auto", "homer", "rag"}
     assert {name for name, cls in METHODS.items() if cls.needs_question_text} == {"rag"}
     assert METHODS["snapkv"].budget_option == "keys_per_head"
 
@@ -175,7 +175,9 @@ def test_per_call_method_and_window_refusal(tiny_model_dirs):
     answer = doc.ask(CONTEXT, QUESTIONS[0], method=GemFilter(top_k=8), max_new_tokens=4)
     assert answer.stats.method == "gemfilter" and answer.stats.tokens_kept < answer.stats.tokens_in
     long_text = CONTEXT * 20  # past the tiny models' 2048-token window
-    with pytest.raises(LongDocError, match="cannot read past; use method 'homer'"):
+    with pytest.raises(
+        LongDocError, match=r"cannot read past; use method 'auto' \(homer past the window\) or method 'homer'"
+    ):
         doc.ask(long_text, QUESTIONS[0], max_new_tokens=2)
     assert doc.ask(long_text, QUESTIONS[0], method=Full(past_window=True), max_new_tokens=2).stats.tokens_in > 2048
 

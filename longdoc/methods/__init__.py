@@ -1,5 +1,5 @@
-"""Prefill methods: one frozen dataclass each (`Full`, `GemFilter`, `Homer`, `SnapKV`, `Streaming`, `Rag`, `H2O`,
-`Lingua`).
+"""Prefill methods: one frozen dataclass each (`Auto`, `Full`, `GemFilter`, `Homer`, `SnapKV`, `Streaming`, `Rag`,
+`H2O`, `Lingua`).
 
 In Python a method is an object: `GemFilter(top_k=1024)`. At the edges (CLI, framework integrations,
 benchmarks) a name and string options become one through `parse_method`, which converts each value
@@ -15,6 +15,7 @@ from dataclasses import fields
 
 from ..errors import LongDocError
 from ..quantized import check_bits
+from .auto import Auto
 from .base import Method, Prefill
 from .full import Full
 from .gemfilter import GemFilter
@@ -28,6 +29,7 @@ from .streaming import Streaming
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (
+        Auto,
         Full,
         GemFilter,
         Homer,
@@ -73,6 +75,8 @@ def parse_method(name: str | Method, options: dict | None = None) -> Method:
             raise LongDocError(f"{', '.join(clash)} is set by the method's name; use '{name}' to choose it")
         options = {**preset, **options}
     cls = method_class(name)
+    if cls is Auto:  # its options belong to the two methods it chooses between
+        return Auto.from_options(options, parse_method)
     renamed = {**RENAMED, **RENAMED_IN.get(name, {})}
     types_by_field = typing.get_type_hints(cls)
     accepted = [f.name for f in fields(cls)]
@@ -152,6 +156,7 @@ def convert(key: str, value, annotation):
 __all__ = [
     "METHODS",
     "ALIASES",
+    "Auto",
     "Full",
     "GemFilter",
     "H2O",

@@ -166,7 +166,7 @@ class GemFilter(Method):
             batch, heads, _, d = queries.shape
             kv_heads = keys.shape[1]
             # Sum the queries of each GQA group (and the w rows): sum_h q_h . k_g(h) = sum_g (sum_{h in g} q_h) . k_g
-            grouped = queries.float().view(batch, kv_heads, heads // kv_heads * w, d).sum(2)
+            grouped = queries.float().reshape(batch, kv_heads, heads // kv_heads * w, d).sum(2)
             scores = torch.einsum("bgd,bgnd->bn", grouped, keys.float())
         else:
             scores = causal_window_probs(queries, keys).sum((1, 2, 3))
