@@ -1,7 +1,7 @@
 """LangChain: `ChatLongDoc` (chat model), `LongDocLLM` (text LLM), `LongDocQA` (documents in, answer and evidence out).
 
     from longdoc.integrations.langchain import ChatLongDoc, LongDocQA
-    chat = ChatLongDoc(model="meta-llama/Llama-3.1-8B-Instruct", method="gemfilter")
+    chat = ChatLongDoc(model="meta-llama/Llama-3.1-8B-Instruct")  # method "auto": gemfilter, homer past the window
     chain = create_stuff_documents_chain(chat, prompt)  # the documents compress wherever the prompt puts them
     LongDocQA(chat=chat).invoke({"documents": docs, "question": "When can either party terminate?"})
 
@@ -220,7 +220,7 @@ class ChatLongDoc(_LongDocFields, BaseChatModel):
 
     model: str = Field(default=DEFAULT_MODEL, description="Hub id or local model folder.")
     engine: LongDoc | None = Field(default=None, exclude=True, description="A loaded LongDoc to use as it is.")
-    method: str = Field(default="gemfilter", description="Prefill method: full, gemfilter, homer, ...")
+    method: str = Field(default="auto", description="Prefill method: auto (gemfilter, homer past the window), ...")
     method_options: dict = Field(default_factory=dict, description="Options of the method, e.g. {'top_k': 1024}.")
     temperature: float = 0.0
     max_tokens: int = 256
@@ -298,7 +298,7 @@ class LongDocLLM(_LongDocFields, BaseLLM):
 
     model: str = Field(default=DEFAULT_MODEL, description="Hub id or local model folder.")
     engine: LongDoc | None = Field(default=None, exclude=True, description="A loaded LongDoc to use as it is.")
-    method: str = Field(default="gemfilter")
+    method: str = Field(default="auto", description="Prefill method: auto (gemfilter, homer past the window), ...")
     method_options: dict = Field(default_factory=dict)
     temperature: float = 0.0
     max_tokens: int = 256

@@ -1,7 +1,7 @@
 """LlamaIndex: `LongDocLLM` (an LLM for `Settings.llm`) and `LongDocQueryEngine`, which reads every document once.
 
     from longdoc.integrations.llama_index import LongDocLLM, LongDocQueryEngine
-    Settings.llm = LongDocLLM(model="meta-llama/Llama-3.1-8B-Instruct", method="gemfilter")
+    Settings.llm = LongDocLLM(model="meta-llama/Llama-3.1-8B-Instruct")  # method "auto"
     SummaryIndex.from_documents(documents).as_query_engine(response_mode="compact").query("...")  # compressed
     engine = LongDocQueryEngine.from_documents(SimpleDirectoryReader("contracts").load_data(), llm=Settings.llm)
     response = engine.query("When can either party terminate?")
@@ -83,7 +83,7 @@ class LongDocLLM(CustomLLM):
     """A longdoc engine as a LlamaIndex LLM; one loaded model serves every object with the same options."""
 
     model: str = Field(default="meta-llama/Llama-3.1-8B-Instruct", description="Hub id or local model folder.")
-    method: str = Field(default="gemfilter", description="Prefill method: full, gemfilter, homer, ...")
+    method: str = Field(default="auto", description="Prefill method: auto (gemfilter, homer past the window), ...")
     method_options: dict = Field(default_factory=dict, description="Options of the method, e.g. top_k.")
     max_new_tokens: int = Field(default=256, description="Most tokens to generate (LlamaIndex's num_output).")
     temperature: float = Field(default=0.0, description="0 is greedy.")
