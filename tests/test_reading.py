@@ -165,7 +165,7 @@ def test_methods_declare_what_callers_need():
     from longdoc import METHODS
 
     assert {name for name, cls in METHODS.items() if cls.reusable} == {"full", "gemfilter"}
-    assert {name for name, cls in METHODS.items() if cls.reads_past_window} == {"auto", "homer", "rag"}
+    assert {name for name, cls in METHODS.items() if cls.reads_past_window} == {"auto", "homer", "rag", "lingua"}
     assert {name for name, cls in METHODS.items() if cls.needs_question_text} == {"rag"}
     assert METHODS["snapkv"].budget_option == "keys_per_head"
 
