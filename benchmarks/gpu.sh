@@ -5,6 +5,8 @@
 #       | decode (256 tokens after full, gemfilter, homer at 8K-128K: CUDA graph, transformers' generate, the floor;
 #         and the eager loop at 8K for comparison)
 #       | needle (bundled model, 1K-16K) | eval (bundled model, 200 samples per row)
+#       | field (KIVI 4/2-bit, gemfilter + 4-bit cache and H2O beside full and gemfilter: speed, cache size, 8K-128K;
+#         then the needle rows of h2o, lingua, kivi-4, kivi-2, gemfilter+kv_bits=4 on the bundled model, 1K-16K)
 #       | batch (longdoc batch on one GPU: Llama-3.1-8B shape, random weights, 40 documents of 32K tokens, 5 questions
 #         each: documents per hour with reuse (one job per document) and without (one job per question))
 set -euo pipefail
@@ -40,6 +42,15 @@ needle)
 eval)
     python3 scripts/eval_needle_model.py --model examples/models/needle-tiny --books "${BOOKS:-.data/books}" \
         --samples 200 --sweep-samples 50 --lengths 1024,2048,3500 --out "$out/needle-tiny-eval.json"
+    ;;
+field)
+    longdoc bench speed --shape llama-3.1-8b --lengths 8k,32k,128k \
+        --methods full,kivi-4,kivi-2,gemfilter,gemfilter+kv_bits=4,h2o,snapkv --runs 3 --top-k 1024 \
+        --out "$out/speed-field" -q
+    longdoc bench needle --model examples/models/needle-tiny --books "${BOOKS:-.data/books}" \
+        --methods h2o,lingua,kivi-4,kivi-2,gemfilter+kv_bits=4 --lengths 1k,2k,4k,8k,16k --depths 0,0.25,0.5,0.75,1 \
+        --samples 6 --top-k 256 -o gemfilter.filter_layer=7 -o gemfilter.score=softmax -o gemfilter.pool_kernel=41 \
+        -o gemfilter.query_tokens=16 --out "$out/needle-field" -q
     ;;
 batch)
     python3 benchmarks/batch_throughput.py "$out/batch" --documents 40 --tokens 32768 --questions 5 --top-k 1024

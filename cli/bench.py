@@ -22,7 +22,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: needle accuracy,
 HERE = Path(__file__).resolve().parent
 DEFAULT_BOOKS = Path("../shared/corpus/books")
 BUNDLED_MODEL = "examples/models/needle-tiny"
-ALL_METHODS = "full,gemfilter,homer,snapkv,streaming,rag"
+ALL_METHODS = "full,gemfilter,homer,snapkv,streaming,rag,h2o,lingua,kivi-4,kivi-2,gemfilter+kv_bits=4"
 
 Options = Annotated[
     list[str] | None,
@@ -94,7 +94,9 @@ def _run(fn, out: Path):
 @bench_app.command()
 def needle(
     model: str = typer.Option(BUNDLED_MODEL, help="Hub id or local folder."),
-    methods: str = typer.Option(ALL_METHODS, help="Comma-separated methods."),
+    methods: str = typer.Option(
+        ALL_METHODS, help="Comma-separated methods: names, aliases (kivi-4) or NAME+KEY=VALUE (gemfilter+kv_bits=4)."
+    ),
     lengths: str = typer.Option("1024,2048,4096", help="Haystack lengths in tokens (4096 or 4k)."),
     depths: str = typer.Option("0,0.25,0.5,0.75,1", help="Needle depths, 0 = start, 1 = end."),
     needles: int = typer.Option(1, help="Needles per haystack (the question asks about one)."),
@@ -113,9 +115,10 @@ def needle(
     def work():
         from dataclasses import fields
 
-        from longdoc import METHODS, LongDoc
+        from longdoc import LongDoc
         from longdoc.bench.evaluate import needle_records
         from longdoc.bench.plots import heatmap
+        from longdoc.methods import method_class, split_label
 
         names, length_list, depth_list = _names(methods), _ints(lengths), _floats(depths)
         configs = per_method_options(names, option or [], top_k=top_k)
@@ -126,12 +129,21 @@ def needle(
             task = bar.add_task("needle", total=len(names) * len(length_list) * len(depth_list) * samples)
             for name in names:
                 # A benchmark compares every method at every length, past the trained window too.
-                past = {"past_window": "true"} if "past_window" in {f.name for f in fields(METHODS[name])} else {}
-                doc = base.with_method(name, **{**past, **configs[name]})
+                method_name = split_label(name)[0]
+                has_past = "past_window" in {f.name for f in fields(method_class(method_name))}
+                past = {"past_window": "true"} if has_past else {}
+                doc = base.with_method(method_name, **{**past, **configs[name]})
                 for length in length_list:
                     for depth in depth_list:
                         cell = needle_records(
-                            doc, haystacks, length=length, needles=needles, samples=samples, depths=[depth], seed=seed
+                            doc,
+                            haystacks,
+                            length=length,
+                            needles=needles,
+                            samples=samples,
+                            depths=[depth],
+                            seed=seed,
+                            label=name,
                         )
                         for record in cell:
                             record["depth_asked"] = depth
@@ -158,9 +170,22 @@ def needle(
         path = _write(
             out,
             "needle.json",
-            dict(model=model, books=used_books, needles=needles, options=configs, summary=summary, records=records),
+            dict(
+                model=model,
+                books=used_books,
+                needles=needles,
+                options=configs,
+                summary=summary,
+                intervals=_intervals(records, names, length_list),
+                records=records,
+            ),
         )
-        _table(f"exact answers, {needles} needle(s), {samples} samples per cell", summary, length_list)
+        _table(
+            f"exact answers, {needles} needle(s), {samples} samples per cell (95 % Wilson interval)",
+            summary,
+            length_list,
+            _intervals(records, names, length_list),
+        )
         err.print(f"wrote {path} and {len(names)} heatmaps")
 
     _run(work, out)
@@ -185,8 +210,8 @@ def layers(
 
     def work():
         from longdoc import LongDoc
-        from longdoc.bench.evaluate import accuracy, needle_records
         from longdoc.bench.plots import lines
+        from longdoc.tune import sweep_filter_layer
 
         length_list = _ints(lengths)
         config = per_method_options(["gemfilter"], option or [], top_k=top_k)["gemfilter"]
@@ -195,18 +220,13 @@ def layers(
         base = LongDoc.from_pretrained(model, method="full", device=device)
         haystacks, used_books = _haystacks(books, base.tokenizer, held_out)
         num_layers = base.arch.num_layers
-        records, series = [], {f"{length} tokens": {} for length in length_list}
         with progress_bar(quiet) as bar:
-            task = bar.add_task("layers", total=num_layers * len(length_list) * samples)
-            for layer in range(num_layers):
-                doc = base.with_method("gemfilter", filter_layer=layer, **config)
-                for length in length_list:
-                    cell = needle_records(doc, haystacks, length=length, needles=needles, samples=samples, seed=seed)
-                    for record in cell:
-                        record["filter_layer"] = layer
-                    records.extend(cell)
-                    series[f"{length} tokens"][layer] = accuracy(cell)
-                    bar.advance(task, samples)
+            task = bar.add_task("layers", total=num_layers)
+            advance = lambda stage, done, total: bar.update(task, completed=done)  # noqa: E731
+            by_length, records = sweep_filter_layer(
+                base, haystacks, config, length_list, samples, seed, advance, needles=needles
+            )
+        series = {f"{length} tokens": by_length[length] for length in length_list}
         mean = {layer: _mean(series[s][layer] for s in series) for layer in range(num_layers)}
         best = max(mean, key=lambda layer: (mean[layer], -layer))
         lines(
@@ -258,8 +278,8 @@ def speed(
         if shape not in SHAPES:
             raise LongDocError(f"unknown shape '{shape}'; choose from: {', '.join(SHAPES)}")
         names = _names(methods)
-        if "rag" in names:
-            raise LongDocError("speed runs on random token ids; rag needs real text (use bench needle)")
+        if "rag" in names or "lingua" in names:
+            raise LongDocError("speed runs on random token ids; rag and lingua rank real text (use bench needle)")
         configs = per_method_options(names, option or [], top_k=top_k)
         length_list = _ints(lengths)
         with progress_bar(quiet) as bar:
@@ -282,7 +302,15 @@ def speed(
         lines(out / "speed.png", f"time to first token, {shape} ({info['device']})", "tokens", "seconds", series, True)
         path = _write(out, "speed.json", dict(**info, records=records))
         table = Table(
-            "tokens", "method", "TTFT s", "x full", "decode tok/s", "floor tok/s", "peak over weights GiB", "kept"
+            "tokens",
+            "method",
+            "TTFT s",
+            "x full",
+            "decode tok/s",
+            "floor tok/s",
+            "peak over weights GiB",
+            "kept",
+            "cache MiB",
         )
         full = {r["length"]: r for r in records if r["method"] == "full" and "ttft_seconds" in r}
         for r in records:
@@ -303,6 +331,7 @@ def speed(
                 floor,
                 f"{peak / 2**30:.2f}" if peak is not None else "-",
                 str(r["tokens_kept"]),
+                f"{r['cache_bytes'] / 2**20:.1f}" if "cache_bytes" in r else "-",
             )
         stdout.print(table)
         err.print(f"wrote {path}")
@@ -317,16 +346,19 @@ def _reading_table(reading_records, shape, lengths, configs, questions, device, 
     reusable = {name: options for name, options in configs.items() if name in ("full", "gemfilter")}
     records, info = reading_records(shape, lengths, reusable, questions, device, folder=str(out))
     path = _write(out, "reading.json", dict(**info, records=records))
-    table = Table("tokens", "method", "first TTFT s", "follow-up TTFT s", "reading GiB", "save s", "load s")
+    table = Table(
+        "tokens", "method", "first TTFT s", "follow-up TTFT s", "from host s", "reading GiB", "save s", "load s"
+    )
     for r in records:
         if "first_ttft_seconds" not in r:
-            table.add_row(str(r["length"]), r["method"], "OOM" if r.get("oom") else r.get("error", ""), "", "", "", "")
+            table.add_row(str(r["length"]), r["method"], "OOM" if r.get("oom") else r.get("error", ""), *[""] * 5)
             continue
         table.add_row(
             str(r["length"]),
             r["method"],
             f"{r['first_ttft_seconds']:.3f}",
             f"{r['follow_up_ttft_seconds']:.3f}",
+            f"{r['follow_up_from_host_ttft_seconds']:.3f}" if r["follow_up_from_host_ttft_seconds"] else "-",
             f"{r['reading_bytes'] / 2**30:.2f}",
             f"{r['save_seconds']:.2f}",
             f"{r['load_seconds']:.2f}",
@@ -350,9 +382,29 @@ def _summary(records: list[dict], names: list[str], lengths: list[int]) -> dict:
     }
 
 
-def _table(title: str, summary: dict, lengths: list[int]) -> None:
+def _intervals(records: list[dict], names: list[str], lengths: list[int]) -> dict:
+    """Per method and length: answers counted, correct, and the 95 % Wilson interval of the accuracy."""
+    from longdoc.bench.evaluate import wilson
+
+    cells = {}
+    for name in names:
+        cells[name] = {}
+        for length in lengths:
+            cell = [r["correct"] for r in records if r["method"] == name and r["length"] == length]
+            low, high = wilson(sum(cell), len(cell))
+            cells[name][str(length)] = dict(n=len(cell), correct=sum(cell), low=round(low, 3), high=round(high, 3))
+    return cells
+
+
+def _table(title: str, summary: dict, lengths: list[int], intervals: dict | None = None) -> None:
     table = Table("method", *[str(length) for length in lengths], "mean", title=title)
     for name, row in summary.items():
         values = [row[str(length)] for length in lengths]
-        table.add_row(name, *[f"{v:.2f}" for v in values], f"{_mean(values):.2f}")
+        cells = [f"{v:.2f}" for v in values]
+        if intervals:
+            cells = [
+                f"{v:.2f} ({c['low']:.2f}-{c['high']:.2f}, n={c['n']})"
+                for v, c in zip(values, (intervals[name][str(length)] for length in lengths), strict=True)
+            ]
+        table.add_row(name, *cells, f"{_mean(values):.2f}")
     stdout.print(table)

@@ -18,7 +18,7 @@ from longdoc import LongDocError
 
 from .bench import bench_app
 from .console import StageStatus, err, fail, out, progress_bar
-from .options import command_options, in_flags
+from .options import command_options, in_flags, parse_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ask a local LLM about a whole document.")
 app.add_typer(bench_app, name="bench")
@@ -34,7 +34,8 @@ JSON_HELP = "One JSON object per question, one per line: {question, answer, evid
 Cache = Annotated[Path | None, typer.Option(help=CACHE_HELP)]
 # Options `ask` and `chat` share: the model, the method and its options, generation, loading.
 ModelOption = Annotated[str, typer.Option(help="Hugging Face hub id or local model folder.")]
-MethodOption = Annotated[str, typer.Option(help="Prefill method (see `longdoc info`).")]
+METHOD_HELP = "Prefill method (see `longdoc info`); auto: gemfilter within the trained window, homer past it."
+MethodOption = Annotated[str, typer.Option(help=METHOD_HELP)]
 TopK = Annotated[int | None, typer.Option(help="Context tokens kept by gemfilter and the budgeted baselines.")]
 FilterLayer = Annotated[int | None, typer.Option(help="GemFilter: the selecting layer (default: known or 0.4 depth).")]
 ChunkLen = Annotated[int | None, typer.Option(help="homer: most tokens per chunk (max_chunk_len).")]
@@ -68,7 +69,7 @@ def ask(
         typer.Option("--question", "-q", help="A question; repeat for several, answered from one reading."),
     ] = None,
     model: ModelOption = DEFAULT_MODEL,
-    method: MethodOption = "gemfilter",
+    method: MethodOption = "auto",
     top_k: TopK = None,
     filter_layer: FilterLayer = None,
     chunk_len: ChunkLen = None,
@@ -309,7 +310,7 @@ def chat(
         typer.Argument(help="Files (.pdf .docx .epub .html .md .txt), folders.", show_default=False),
     ],
     model: ModelOption = DEFAULT_MODEL,
-    method: MethodOption = "gemfilter",
+    method: MethodOption = "auto",
     top_k: TopK = None,
     filter_layer: FilterLayer = None,
     chunk_len: ChunkLen = None,
@@ -385,7 +386,7 @@ def batch(
     jobs: Annotated[Path, typer.Argument(help=BATCH_JOBS_HELP, show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Answers, one JSON line per document, appended to.")],
     model: ModelOption = DEFAULT_MODEL,
-    method: MethodOption = "gemfilter",
+    method: MethodOption = "auto",
     top_k: TopK = None,
     filter_layer: FilterLayer = None,
     chunk_len: ChunkLen = None,
@@ -496,6 +497,58 @@ def _calibrate(model, texts, books, samples, length, out, device, quiet) -> None
         bias = measure(doc.arch, windows, lambda stage, done, total: bar.update(task, completed=done))
     save(out, bias, source=", ".join(p.name for p in paths[:20]), samples=samples)
     err.print(f"saved {tuple(bias.shape)} layer x distance bias to {out}")
+
+
+@app.command()
+def tune(
+    model: str = typer.Argument(..., help="Hub id or local model folder."),
+    books: Annotated[Path, typer.Option(help="Folder of .txt books: needles are hidden in them.")] = Path(
+        "../shared/corpus/books"
+    ),
+    samples: int = typer.Option(8, help="Needles asked per setting (more: slower, surer)."),
+    lengths: str = typer.Option("", help="Haystack lengths in tokens, comma-separated (default: half the window)."),
+    top_k: int = typer.Option(256, help="GemFilter's context tokens kept while tuning."),
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-o", help="A GemFilter option held fixed, KEY=VALUE.")
+    ] = None,
+    device: str = typer.Option("auto"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Measure MODEL's best GemFilter settings and HOMER's calibration; write them to its profile (longdoc.json)."""
+    try:
+        _tune(model, books, samples, lengths, top_k, option or [], device, quiet)
+    except LongDocError as exc:
+        fail(in_flags(str(exc)))
+
+
+def _tune(model, books, samples, lengths, top_k, pairs, device, quiet) -> None:
+    from longdoc import LongDoc
+    from longdoc.bench.needle import Haystacks, load_books
+    from longdoc.profile import profile_path, write_profile
+    from longdoc.tune import tune as measure_profile
+
+    if samples < 1:
+        raise LongDocError(f"--samples must be at least 1, got {samples}")
+    chosen = load_books(books, held_out=True) if books.is_dir() else {}
+    chosen = chosen or (load_books(books) if books.is_dir() else {})
+    if not chosen:
+        raise LongDocError(f"no .txt books in {books}; pass --books DIR")
+    base = LongDoc.from_pretrained(model, method="full", device=device)
+    window = base.arch.trained_window or 4096
+    length_list = [int(n) for n in lengths.split(",") if n.strip()] if lengths.strip() else [window // 2]
+    options = {"top_k": top_k, **parse_options(pairs)}
+    path = profile_path(model)
+    with staged_progress(quiet, "tune") as progress:
+        data = measure_profile(
+            base, Haystacks(chosen, base.tokenizer), list(chosen.values()), path.parent,
+            samples=samples, lengths=length_list, options=options, progress=progress,
+        )  # fmt: skip
+    write_profile(path, data)
+    gemfilter, homer = data["methods"]["gemfilter"], data["methods"]["homer"]
+    settings = ", ".join(f"{k}={v}" for k, v in gemfilter["options"].items())
+    err.print(f"gemfilter: {settings} (needle accuracy {gemfilter['accuracy']:.2f})", soft_wrap=True)
+    err.print(f"homer: calibration={homer['options']['calibration']} (needle accuracy {homer.get('accuracy', 0):.2f})")
+    err.print(f"wrote {path}", soft_wrap=True)
 
 
 @app.command()

@@ -29,6 +29,10 @@ IN_FLAGS = [
     (r"\bfilter_layer\b", "--filter-layer"),
     (r"\bmax_chunk_len\b", "--chunk-len"),
     (r"\bprefill_chunk\b", "--prefill-chunk"),
+    (r"pass its password \(password=\.\.\.\)", "pass --password"),
+    (r"\bsmaller window length\b", "smaller --length"),
+    (r"\bpoint model at\b", "point --model at"),
+    (r'\buse device "cpu"', "use --device cpu"),
     (r"\brunner '(\w+)'", r"--runner \1"),
     (r"\bworkers=(\d+)", r"--workers \1"),
     (r"\bgpus_per_worker=", "--gpus-per-worker "),
@@ -50,11 +54,11 @@ def method_options(method: str, **values) -> dict:
     """Map --top-k / --filter-layer / --chunk-len / --prefill-chunk onto the method's own fields."""
     from dataclasses import fields
 
-    from longdoc.methods import METHODS
+    from longdoc.methods import METHODS, Auto, method_class
 
-    if method not in METHODS:
-        raise LongDocError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
-    accepted = {f.name for f in fields(METHODS[method])}
+    cls = method_class(method)
+    chosen = [Auto().within, Auto().beyond] if cls is Auto else [cls]
+    accepted = {f.name for kind in chosen for f in fields(kind)}  # auto passes options on to the methods it picks
     options = {}
     for option, value in values.items():
         if value is None:
@@ -86,29 +90,30 @@ def parse_options(pairs: list[str]) -> dict[str, str]:
 
 
 def per_method_options(methods: list[str], pairs: list[str], top_k: int | None = None) -> dict[str, dict]:
-    """Options for each method: `-o KEY=VALUE` goes to every method that has KEY, `-o METHOD.KEY=VALUE` to one.
+    """Options for each method row: `-o KEY=VALUE` goes to every row whose method has KEY, `-o METHOD.KEY=VALUE`
+    to the rows of that method (or that one row).
 
-    `top_k` (the shared budget) goes to each method's budget option (snapkv: keys per KV head).
+    A row is a method name, an alias (kivi-4) or NAME+KEY=VALUE (gemfilter+kv_bits=4), whose options it starts
+    with. `top_k` (the shared budget) goes to each method's budget option (snapkv: keys per KV head).
     """
     from dataclasses import fields
 
-    from longdoc.methods import METHODS
+    from longdoc.methods import method_class, split_label
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise LongDocError(f"unknown method '{unknown[0]}'; choose from: {', '.join(METHODS)}")
-    result: dict[str, dict] = {m: {} for m in methods}
+    result: dict[str, dict] = {m: split_label(m)[1] for m in methods}
+    classes = {m: method_class(split_label(m)[0]) for m in methods}
     if top_k is not None:
         for method in methods:
-            if METHODS[method].budget_option:
-                result[method][METHODS[method].budget_option] = top_k
+            if classes[method].budget_option:
+                result[method][classes[method].budget_option] = top_k
     for key, value in parse_options(pairs).items():
         target, _, field_name = key.rpartition(".")
+        rows = [m for m in methods if target in (m, split_label(m)[0], classes[m].name)] if target else methods
+        if not rows:
+            raise LongDocError(f"-o {key}: '{target}' is not among the methods benchmarked")
         used = False
-        for method in [target] if target else methods:
-            if method not in result:
-                raise LongDocError(f"-o {key}: '{method}' is not among the methods benchmarked")
-            if field_name in {f.name for f in fields(METHODS[method])}:
+        for method in rows:
+            if field_name in {f.name for f in fields(classes[method])}:
                 result[method][field_name] = value
                 used = True
         if not used:

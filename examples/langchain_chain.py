@@ -38,7 +38,7 @@ def main() -> tuple[str, dict]:
     print(f"LongDocQA:  {qa['answer']}")
     for evidence in qa["evidence"][:3]:
         meta = evidence.metadata
-        print(f"  {Path(meta['source']).name} [{meta['start']}:{meta['end']}] {evidence.page_content}")
+        print(f"  {Path(meta['source']).name} [{meta['start']}:{meta['end']}] {meta['quote']}")
     return answer, qa
 
 

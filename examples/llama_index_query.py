@@ -30,10 +30,9 @@ def main(folder: Path | None = None) -> object:
         response = query_engine.query(QUESTION_TEXT)
     print(f"Q: {QUESTION_TEXT}\nA: {response.response}")
     for source in response.source_nodes[:3]:
-        meta = source.node.metadata
-        print(
-            f"  {Path(meta['file']).name} [{meta['start']}:{meta['end']}] score {source.score:.3f}: {source.node.text}"
-        )
+        node = source.node
+        where = f"{node.metadata['file_name']} [{node.start_char_idx}:{node.end_char_idx}]"
+        print(f"  {where} score {source.score:.3f}: {node.metadata['quote']}")
     return response
 
 

@@ -9,7 +9,11 @@ from longdoc.bench.needle import NEEDLE, QUESTION, Haystacks, load_books
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "models" / "needle-tiny"
-BOOKS = ROOT.parent / "shared" / "corpus" / "books"
+# The held-out books beside the checkout (a git worktree under wt/ finds them one level further up).
+BOOKS = next(
+    (b for b in (r / "shared" / "corpus" / "books" for r in ROOT.parents[:2]) if b.is_dir()),
+    ROOT.parent / "shared" / "corpus" / "books",
+)
 # GemFilter settings for the bundled needle model (see its model card).
 NEEDLE_GEMFILTER = dict(top_k=256, filter_layer=7, score="softmax", pool_kernel=41, query_tokens=16)
 KEY, VALUE = "lantern", "4071936"

@@ -1,34 +1,242 @@
-"""What both framework integrations share: loading one engine, generation options, evidence as plain dicts."""
+"""What both framework integrations share: loading (one model per resolved path, device and options, held
+weakly), generation options as the Hugging Face wrappers take them, and evidence in one convention.
+
+Evidence convention (all of longdoc's own output): pages are 1-based; `start`/`end` are character offsets in
+the source's own text; `text` is the span's whole text and `quote` a one-line cut of it.
+"""
 
 from __future__ import annotations
 
-from functools import lru_cache
+import gc
+import importlib.util
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from longdoc import LongDoc
+import torch
+
+from longdoc import Answer, LongDoc, LongDocError
+from longdoc.documents import Document, from_parts
+from longdoc.evidence import quote_of
+from longdoc.hub import resolve_source
+from longdoc.methods import Method, parse_method
+from longdoc.model import DTYPES, load_model, resolve_device, resolve_dtype
 
 LONG_CONTEXT = 1 << 20  # homer and rag read past the trained window; memory, not positions, is the limit
 
-
-@lru_cache(maxsize=4)
-def shared_model(model: str, device: str) -> LongDoc:
-    """One loaded model per (model, device) in this process; every integration object shares it."""
-    return LongDoc.from_pretrained(model, method="full", device=device)
-
-
-def load_engine(model: str, method: str, device: str, method_options: dict | None) -> LongDoc:
-    """The shared model with this method (no reload; a bad option fails here, before any call)."""
-    return shared_model(model, device).with_method(method, **(method_options or {}))
+# Generation options by the names the frameworks and the HF wrappers use -> longdoc's names.
+GENERATE_KEYS = ("max_new_tokens", "max_tokens", "temperature", "top_p", "do_sample", "seed", "stop", "stop_strings")
+# model_kwargs as the HF wrappers take them -> longdoc's loading options.
+MODEL_KEYS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code", "device_map", "quantization_config")
 
 
-def context_window(doc: LongDoc) -> int:
-    """Tokens one prompt may hold with this method: the trained window, except where the method reaches past it."""
-    if doc.method.name in ("homer", "rag"):
-        return LONG_CONTEXT
-    return doc.arch.trained_window or LONG_CONTEXT
+# ----- loading and sharing -----
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is loaded; two objects with equal options (after resolving) share one loaded model."""
+
+    model: str
+    device: str = "auto"
+    dtype: str | torch.dtype = "auto"
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    device_map: str | None = None
+    quantization_config: Any = None
+
+    def key(self) -> tuple:
+        device = resolve_device(self.device_from_map())
+        source, _ = resolve_source(self.model)
+        local = Path(source).expanduser()
+        where = str(local.resolve()) if local.exists() else source
+        return (where, device, resolve_dtype(self.dtype, device), self.attn_implementation,
+                self.trust_remote_code, repr(self.quantization_config))  # fmt: skip
+
+    def device_from_map(self) -> str:
+        """device_map as the HF wrappers take it: None / "auto" / one device; a per-layer map is issue #22's."""
+        if self.device_map is None:
+            return self.device
+        if (
+            isinstance(self.device_map, str)
+            and self.device_map in ("auto", "cpu")
+            or str(self.device_map).startswith("cuda")
+        ):
+            return str(self.device_map)
+        raise LongDocError(
+            f"device_map={self.device_map!r} is not supported: longdoc runs a model on one device; use device_map "
+            "'auto', 'cpu', 'cuda' or 'cuda:N' (or device=...)"
+        )
 
 
-def generation_options(max_new_tokens: int, temperature: float, stop: list[str] | None, seed: int | None) -> dict:
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+def load_options(model: str, fields: dict, model_kwargs: dict | None) -> LoadOptions:
+    """Loading fields plus `model_kwargs` (as the HF wrappers take them); a key set twice differently is refused."""
+    options = {k: v for k, v in fields.items() if v is not None}
+    for key, value in (model_kwargs or {}).items():
+        if key not in MODEL_KEYS:
+            raise LongDocError(f"unknown model_kwargs key {key!r}; longdoc takes {', '.join(MODEL_KEYS)}")
+        key = "dtype" if key == "torch_dtype" else key
+        if key in options and options[key] != value and not (key == "device" and value is None):
+            raise LongDocError(f"{key} is given twice ({options[key]!r} and model_kwargs {value!r}); give it once")
+        options[key] = value
+    if options.get("quantization_config") is not None:
+        check_quantization(options.get("device_map") or options.get("device", "auto"))
+    return LoadOptions(model=model, **options)
+
+
+def check_quantization(device: str) -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LongDocError("quantization_config needs bitsandbytes: pip install bitsandbytes (and a CUDA GPU)")
+    if resolve_device(str(device)) == "cpu":
+        raise LongDocError("quantization_config needs a CUDA GPU (bitsandbytes); use device='cuda' or drop it")
+
+
+_SHARED: weakref.WeakValueDictionary[tuple, LongDoc] = weakref.WeakValueDictionary()
+
+
+def shared_model(options: LoadOptions) -> LongDoc:
+    """One loaded model per resolved (path, device, dtype, options); it goes when no object holds it any more."""
+    key = options.key()
+    found = _SHARED.get(key)
+    if found is None:
+        if isinstance(options.dtype, str) and options.dtype not in DTYPES:
+            raise LongDocError(f"unknown dtype '{options.dtype}'; use one of {', '.join(DTYPES)} or a torch.dtype")
+        model, tokenizer = load_model(
+            options.model,
+            options.device_from_map(),
+            options.dtype,
+            options.attn_implementation,
+            options.trust_remote_code,
+            quantization_config=options.quantization_config,
+        )
+        found = LongDoc(model, tokenizer, method="full")
+        _SHARED[key] = found
+    return found
+
+
+def shared_models() -> int:
+    """How many loaded models the integrations hold now (for tests and for checking a release worked)."""
+    gc.collect()
+    return len(_SHARED)
+
+
+def release_memory() -> None:
+    """Collect what was released and hand cached GPU memory back."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def engine_for(base: LongDoc, method: str | Method, method_options: dict | None, system_prompt: str | None) -> LongDoc:
+    """The shared model with this method and system prompt (no reload; a bad option fails here)."""
+    engine = base.with_method(parse_method(method, method_options or {}))
+    engine.system_prompt = system_prompt
+    return engine
+
+
+def context_window(engine: LongDoc, asked: int | None = None) -> int:
+    """Tokens one prompt may hold: the trained window, or far more where the method reads past it; never more
+    than the user's own `asked` value."""
+    window = engine.arch.trained_window or LONG_CONTEXT
+    possible = LONG_CONTEXT if engine.method.reads_past_window else window
+    return min(possible, asked) if asked else possible
+
+
+# ----- generation options -----
+def renamed(kwargs: dict, aliases: dict) -> dict:
+    """Arguments with each alias under its field's name (the same option given twice differently is refused)."""
+    kwargs = dict(kwargs)
+    for alias, name in aliases.items():
+        if alias in kwargs:
+            if name in kwargs and kwargs[name] != kwargs[alias]:
+                raise LongDocError(f"{alias} and {name} are the same option; give one")
+            kwargs[name] = kwargs.pop(alias)
+    return kwargs
+
+
+ALIASES = {"max_tokens": "max_new_tokens", "stop_strings": "stop"}
+
+
+def generation_options(defaults: dict, call: dict, generate_kwargs: dict | None = None) -> dict:
+    """Defaults, then `generate_kwargs`, then this call's options -> the core's options. Unknown keys are refused."""
+    merged: dict = {}
+    for source in (defaults, generate_kwargs or {}, call):
+        for key, value in source.items():
+            if key not in GENERATE_KEYS:
+                raise LongDocError(f"unknown generation option {key!r}; longdoc takes {', '.join(GENERATE_KEYS)}")
+            if value is not None:
+                merged[ALIASES.get(key, key)] = value
+    stop = merged.pop("stop", None)
     if stop:
-        options["stop"] = list(stop)
-    return options
+        merged["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    sample = merged.pop("do_sample", None)
+    if sample is False:
+        merged["temperature"] = 0.0  # greedy, as transformers' do_sample=False
+    elif sample and not merged.get("temperature"):
+        raise LongDocError("do_sample=True needs a temperature above 0 (longdoc's default, 0, is greedy)")
+    return merged
+
+
+def finish_reason(answer: Answer, options: dict) -> str:
+    """ "length" when the answer ran into max_new_tokens, else "stop" (end of turn or a stop string)."""
+    return "length" if answer.stats.tokens_out >= options.get("max_new_tokens", 256) else "stop"
+
+
+def answer_stats(answer: Answer, options: dict) -> dict:
+    """The answer's stats both frameworks' response metadata carry."""
+    s = answer.stats
+    return dict(
+        method=s.method,
+        tokens_in=s.tokens_in,
+        tokens_kept=s.tokens_kept,
+        prefill_seconds=s.prefill_seconds,
+        reading=s.reading,
+        reused_tokens=s.reused_tokens,
+        finish_reason=finish_reason(answer, options),
+        notes=s.notes,
+    )
+
+
+# ----- evidence -----
+def place_evidence(document: Document, evidence) -> list[dict]:
+    """Evidence spans (strongest first) in the documents given: source, 1-based page, offsets in that source,
+    the span's whole text and its one-line quote, score."""
+    placed = []
+    for span in document.locate_evidence(evidence):
+        begin = next((f.start for f in document.files if f.source == span["file"]), 0)
+        text = document.text[begin + span["start"] : begin + span["end"]]
+        placed.append({**span, "text": text})
+    return placed
+
+
+@dataclass
+class Sources:
+    """The documents an integration was given, so evidence found in a prompt's text can name source and page."""
+
+    parts: list[tuple[str, str, int | None]]  # (text, source, 1-based page or None)
+
+    def place(self, answer: Answer, messages: list[str]) -> list[dict]:
+        """Each evidence span: its source and page where its text is found in a given document, else the message."""
+        return [self.place_span(span, messages) for span in answer.evidence]
+
+    def place_span(self, span, messages: list[str]) -> dict:
+        message = messages[span.message] if span.message is not None and span.message < len(messages) else ""
+        text = message[span.start : span.end] if message else span.quote
+        found = {"message": span.message, "message_start": span.start, "message_end": span.end, "text": text}
+        found.update(start=span.start, end=span.end, message_peak=span.peak)
+        found.update(quote=quote_of(text, 0, len(text)), score=span.score)
+        # A span that runs over two documents (the prompt joins them) is placed by its longest piece.
+        pieces = sorted((p.strip() for p in text.split("\n")), key=len, reverse=True)
+        for needle in [text.strip(), *pieces]:
+            for source_text, source, page in self.parts:
+                at = source_text.find(needle) if needle else -1
+                if at >= 0:
+                    return {**found, "file": source, "page": page, "start": at, "end": at + len(needle), "text": needle}
+        return found
+
+
+def no_sources() -> Sources:
+    return Sources([])
+
+
+def as_document(parts: list[tuple[str, str, int | None]]) -> Document:
+    return from_parts(parts)

@@ -27,12 +27,15 @@ _EXPORTS = {
     "GenerationConfig": "generate",
     "METHODS": "methods",
     "Method": "methods",
+    "Auto": "methods",
     "Full": "methods",
     "GemFilter": "methods",
     "Homer": "methods",
     "SnapKV": "methods",
     "Streaming": "methods",
     "Rag": "methods",
+    "H2O": "methods",
+    "Lingua": "methods",
     "parse_method": "methods",
 }
 

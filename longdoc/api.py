@@ -22,10 +22,12 @@ from .errors import LongDocError
 from .evidence import Evidence, evidence_spans
 from .generate import GenerationConfig, eos_token_ids, generate_tokens, stream_text
 from .measure import Measure
-from .methods import Full, Method, Prefill, parse_method
+from .methods import Auto, Full, Method, Prefill, parse_method
 from .model import load_model
+from .profile import Profile, configure, load_profile
 from .progress import ProgressHook, no_progress
 from .prompt import PromptLayout, build_layout, layout_completion, layout_messages
+from .quantized import quantized
 from .reading import ROOM, ReadingCache, ReadingStore, default_budgets
 from .reading import load as load_saved
 from .reading import save as save_reading
@@ -101,44 +103,74 @@ class LongDoc:
         self,
         model,
         tokenizer,
-        method: Method | str = "gemfilter",
+        method: Method | str = "auto",
         system_prompt: str | None = None,
         *,
         store: ReadingStore | None = None,
+        readings_on_host: bool = False,
+        profile: Profile | None = None,
         **method_options,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.arch = Arch(model)
-        self.method = parse_method(method, method_options)
+        self.profile = profile  # the model's tuned settings (longdoc.json); a method named by string gets them
+        options, self.profile_notes = configure(method, method_options, profile)
+        self.method = parse_method(method, options)
         self.system_prompt = system_prompt
         self.eos_ids = eos_token_ids(model, tokenizer)
         if store is None:
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
-            store = ReadingStore(*default_budgets(self.arch.device, weights), self.arch.device.type)
+            device_bytes, host_bytes = default_budgets(self.arch.device, weights)
+            if readings_on_host and self.arch.device.type != "cpu":  # GPU memory for the model; readings stream in
+                device_bytes, host_bytes = 0, host_bytes + device_bytes
+            store = ReadingStore(device_bytes, host_bytes, self.arch.device.type)
         self.store = store
 
     @classmethod
     def from_pretrained(
         cls,
         model: str,
-        method: Method | str = "gemfilter",
+        method: Method | str = "auto",
         *,
         device: str = "auto",
         dtype: str = "auto",
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         system_prompt: str | None = None,
+        readings_on_host: bool = False,
         **method_options,
     ) -> LongDoc:
-        """Load a hub id or a local folder (safetensors only). `method` is a Method object (or a name + options)."""
-        parse_method(method, method_options)  # fail on bad options before loading weights
+        """Load a hub id or a local folder (safetensors only). `method` is a Method object (or a name + options);
+        a name gets the model's profile (`longdoc tune`) under the options given.
+
+        `readings_on_host` keeps readings in pinned host memory (GPU memory for the model and one question);
+        a question then brings the reading's layers over as it uses them.
+        """
+        profile = load_profile(model)
+        parse_method(method, configure(method, method_options, profile)[0])  # fail on bad options before loading
         loaded, tokenizer = load_model(model, device, dtype, attn_implementation, trust_remote_code)
-        return cls(loaded, tokenizer, method, system_prompt, **method_options)
+        return cls(
+            loaded,
+            tokenizer,
+            method,
+            system_prompt,
+            profile=profile,
+            readings_on_host=readings_on_host,
+            **method_options,
+        )
 
     def with_method(self, method: Method | str, **method_options) -> LongDoc:
         """The same loaded model (and reading store) with another default method; nothing is reloaded."""
-        return LongDoc(self.model, self.tokenizer, method, self.system_prompt, store=self.store, **method_options)
+        return LongDoc(
+            self.model,
+            self.tokenizer,
+            method,
+            self.system_prompt,
+            store=self.store,
+            profile=self.profile,
+            **method_options,
+        )
 
     # ----- layouts -----
     def layout(self, context: str, question: str) -> PromptLayout:
@@ -207,6 +239,8 @@ class LongDoc:
         method = method or self.method
         layout = self.layout(document.text, "?")  # the prefix and document do not depend on the question
         head = layout.token_ids()[: layout.reading_len]
+        if isinstance(method, Auto):  # auto's reading is the chosen method's (gemfilter's when the text fits)
+            method = method.pick(self.arch, len(layout))
         if method.reusable:
             self._check_window(method, len(head))
         cache = self._reading_for(method, head, progress, keep=True)[0]
@@ -229,6 +263,8 @@ class LongDoc:
             raise LongDocError(f"{folder} holds no readable saved reading; save one with reading.save") from None
         if source is not None:
             document = as_document(source)
+        if isinstance(method, Auto):  # saved as the method auto picked for this document (see read)
+            method = method.pick(self.arch, len(self.layout(document.text, "?")))
         cache = load_saved(Path(folder), self.facts(method, document), method, self.arch.num_layers, self.arch.device)
         self.store.add(cache)
         return Reading(self, method, document, cache)
@@ -266,6 +302,14 @@ class LongDoc:
         """(prefill, stats, release): `release` hands the reading back once decoding (which may append to
         the reading's buffers, for full) is over."""
         notes = []
+        # The engine's own method (or one auto picks from it) carries the profile's settings.
+        own = self.method
+        configured = method == own or (isinstance(own, Auto) and method in (own.within, own.beyond))
+        if isinstance(method, Auto):
+            notes.append(method.why(self.arch, len(layout)))
+            method = method.pick(self.arch, len(layout))
+        elif isinstance(own, Auto) and method is own.pick(self.arch, len(layout)):  # a reading auto picked for
+            notes.append(own.why(self.arch, len(layout)))
         if not layout.context_len:  # nothing to compress: every method's prefill is the plain one
             method, notes = Full(), ["no context: plain prefill of the question"]
         self._check_window(method, len(layout))
@@ -277,6 +321,9 @@ class LongDoc:
                 lease = cache.lease(self.arch.device) if cache is not None else None
                 try:
                     prefill = method.prefill(self.arch, layout, progress, reading=lease)
+                    if method.kv_bits is not None:
+                        prefill.cache = quantized(prefill.cache, method.kv_bits)
+                        prefill.notes.append(f"kv_bits={method.kv_bits}: the decoding cache is quantized (KIVI)")
                 except BaseException:
                     if cache is not None:
                         cache.release()
@@ -300,7 +347,9 @@ class LongDoc:
             reading_bytes=cache.nbytes if cache is not None else 0,
             reading_device=cache.device if cache is not None else "none",
             compressed_span=(layout.prefix_len, layout.prefix_len + layout.context_len),
-            notes=notes + prefill.notes,
+            notes=notes
+            + prefill.notes
+            + ([self.profile_notes[method.name]] if configured and method.name in self.profile_notes else []),
         )
         return prefill, stats, (cache.release if cache is not None else None)
 
@@ -311,9 +360,7 @@ class LongDoc:
         if not method.reusable or not head:
             return ReadingCache(method, head, None), "none"
         found = self.store.find(method, head)
-        if found is not None:
-            if found.device == "cpu" and self.arch.device.type != "cpu":
-                found.to(self.arch.device)
+        if found is not None:  # one held in host memory stays there: its lease streams layers to the GPU
             return found, "reused"
         if not keep and not self.store.fits(self.reading_bytes(method, len(head))):
             return None, "none"  # too large to keep: the method's own one-pass prefill, same result
@@ -372,7 +419,8 @@ class LongDoc:
         if window and tokens > window and not (method.reads_past_window or getattr(method, "past_window", False)):
             raise LongDocError(
                 f"the prompt has {tokens} tokens, more than the model's {window}-token window, which method "
-                f"'{method.name}' cannot read past; use method 'homer', or set past_window=True to run it anyway"
+                f"'{method.name}' cannot read past; use method 'auto' (homer past the window) or method 'homer', or "
+                "set past_window=True to run it anyway"
             )
 
 

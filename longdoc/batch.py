@@ -48,7 +48,7 @@ class Settings:
     """What every worker loads and how it answers; a job's own method and options replace the defaults."""
 
     model: str
-    method: str | Method = "gemfilter"
+    method: str | Method = "auto"
     options: dict = field(default_factory=dict)
     device: str = "auto"
     dtype: str = "auto"
@@ -400,7 +400,7 @@ def run(
     out: str | Path,
     *,
     model: str,
-    method: str | Method = "gemfilter",
+    method: str | Method = "auto",
     options: dict | None = None,
     device: str = "auto",
     dtype: str = "auto",

@@ -41,6 +41,17 @@ class KVCache:
         self.lengths[layer_idx] = length + new
         return keys[..., : length + new, :], values[..., : length + new, :]
 
+    def filled(self, layer_idx: int) -> bool:
+        """Whether this layer holds keys and values (a layer never run, or freed, does not)."""
+        return self.keys[layer_idx] is not None
+
+    def pin_memory(self) -> KVCache:
+        """The same cache with host tensors in page-locked memory, so copies to a GPU run without a host stall."""
+        for i in range(self.num_layers):
+            if self.filled(i):
+                self.keys[i], self.values[i] = self.keys[i].pin_memory(), self.values[i].pin_memory()
+        return self
+
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         length = self.lengths[layer_idx]
         return self.keys[layer_idx][..., :length, :], self.values[layer_idx][..., :length, :]
@@ -123,3 +134,46 @@ def _grow(buffer: torch.Tensor | None, length: int, capacity: int, like: torch.T
     if buffer is not None and length:
         grown[..., :length, :] = buffer[..., :length, :]
     return grown
+
+
+class HostBackedCache(KVCache):
+    """A reading's cache held in (pinned) host memory, brought to the GPU one layer at a time as a question uses it.
+
+    A layer is copied when first touched (`update` or `layer`), with room for the question's rows; a layer the
+    question is done with can be freed. GemFilter's question pass frees each layer after it, so about one layer
+    of the reading is on the GPU at a time; full's decoding needs every layer, so all of them come over.
+    """
+
+    def __init__(self, host: KVCache, device: torch.device, room: int) -> None:
+        super().__init__(host.num_layers)
+        self.host, self.device, self.room = host, device, room
+        self.lengths = list(host.lengths)
+        self.fetched = [host.keys[i] is None for i in range(host.num_layers)]
+
+    def _fetch(self, layer_idx: int) -> None:
+        if self.fetched[layer_idx]:
+            return
+        self.fetched[layer_idx] = True
+        keys, values = self.host.layer(layer_idx)
+        length = keys.shape[-2]
+        for name, source in (("keys", keys), ("values", values)):
+            buffer = torch.empty((*source.shape[:-2], length + self.room, source.shape[-1]), dtype=source.dtype,
+                                 device=self.device)  # fmt: skip
+            buffer[..., :length, :].copy_(source, non_blocking=True)  # pinned memory: no host stall
+            getattr(self, name)[layer_idx] = buffer
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self._fetch(layer_idx)
+        return super().update(key_states, value_states, layer_idx)
+
+    def layer(self, layer_idx: int):
+        self._fetch(layer_idx)
+        return super().layer(layer_idx)
+
+    def free(self, layer_idx: int) -> None:
+        self.fetched[layer_idx] = True
+        super().free(layer_idx)
+
+    def fork(self) -> HostBackedCache:
+        """Already one question's own view (the host copy is never written): itself."""
+        return self

@@ -10,6 +10,7 @@ without the code that makes them; `longdoc calibrate` makes them for any model.
 from __future__ import annotations
 
 import random
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,14 +34,19 @@ def measure(arch: Arch, windows: list[list[int]], progress: ProgressHook = no_pr
         hidden = arch.embed(input_ids)
         position_embeddings = arch.rotary(hidden, torch.arange(length, device=arch.device)[None])
         cos, sin = position_embeddings
-        mask = arch.attention_mask(length, length, hidden.dtype, hidden.device)
         cache = KVCache(arch.num_layers)
-        for i in range(arch.num_layers):
-            query = arch.queries(i, hidden[:, -1:], (cos[:, -1:], sin[:, -1:]))
-            hidden = arch.run_layer(i, hidden, position_embeddings, cache, mask)
+        queries = []  # each layer's last-token query, taken from its input by the forward pass's tap
+        rows = (cos[:, -1:], sin[:, -1:])
+        tap = partial(_last_query, arch, queries, rows)
+        arch.forward(hidden, position_embeddings, cache, tap=tap)
+        for i, query in enumerate(queries):
             total[i] += last_token_logits(query, cache.layer(i)[0]).flip(0)  # index = distance from the last token
         progress("calibrate", done, len(windows))
     return (total / len(windows)).cpu()
+
+
+def _last_query(arch: Arch, queries: list, rows, layer: int, layer_input: torch.Tensor) -> None:
+    queries.append(arch.queries(layer, layer_input[:, -1:], rows))
 
 
 def text_windows(tokenizer, texts: list[str], length: int, samples: int, seed: int = 0) -> list[list[int]]:
@@ -51,7 +57,7 @@ def text_windows(tokenizer, texts: list[str], length: int, samples: int, seed: i
     encoded = (tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"] for t in texts)
     pools = [ids for ids in encoded if len(ids) >= need]
     if not pools:
-        raise LongDocError(f"no text has {need} tokens; give a longer text or a smaller --length")
+        raise LongDocError(f"no text has {need} tokens; give a longer text or a smaller window length")
     windows = []
     for _ in range(samples):
         ids = rng.choice(pools)

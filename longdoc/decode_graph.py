@@ -80,6 +80,8 @@ def _buffer_with(filled: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 def unsupported_reason(arch: Arch, cache: KVCache) -> str | None:
     """Why graph decoding cannot run on this model and cache, or None when it can."""
+    if not isinstance(cache, KVCache):
+        return f"a {type(cache).__name__} is dequantized layer by layer, which the graph does not capture"
     if arch.attn_implementation not in MASKED_ATTENTION:
         return f"attention '{arch.attn_implementation}' takes no length mask"
     lengths = {cache.seq_length(i) for i in range(cache.num_layers)}

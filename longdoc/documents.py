@@ -326,7 +326,7 @@ def _load_pdf(file: Path, password: str | None) -> Document:
         pdf = pdfium.PdfDocument(str(file), password=password)
     except pdfium.PdfiumError as exc:
         if "password" in str(exc).lower():
-            hint = "the password is wrong" if password else "it is encrypted; pass --password"
+            hint = "the password is wrong" if password else "it is encrypted; pass its password (password=...)"
             raise LongDocError(f"cannot open {file}: {hint}") from None
         raise LongDocError(f"cannot read {file} as PDF ({exc}); is it a PDF?") from None
     parts, pages, offset = [], [], 0

@@ -26,7 +26,7 @@ def resolve_source(name_or_path: str) -> tuple[str, bool]:
     if local.exists():
         if not (local / "config.json").is_file():
             raise LongDocError(
-                f"'{name_or_path}' is not a model folder (no config.json in it); point --model at a Hugging Face "
+                f"'{name_or_path}' is not a model folder (no config.json in it); point model at a Hugging Face "
                 "model folder or hub id"
             )
         return str(local), True
@@ -76,7 +76,7 @@ def _not_available(repo_id: str, hub_state: str) -> None:
     raise LongDocError(
         f"model '{repo_id}' is neither a local folder nor in the Hugging Face cache, and the hub {hub_state}; "
         f"download it once while online (hf download {repo_id}), or pass a local folder with config.json, tokenizer "
-        "files and *.safetensors (for example --model ./models/Llama-3.1-8B-Instruct)"
+        "files and *.safetensors (for example ./models/Llama-3.1-8B-Instruct)"
     )
 
 

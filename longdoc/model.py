@@ -34,14 +34,16 @@ def resolve_device(device: str) -> str:
     if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
         raise LongDocError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LongDocError(f"device '{device}' was asked for but no CUDA GPU is visible; use --device cpu")
+        raise LongDocError(f"device '{device}' was asked for but no CUDA GPU is visible; use device \"cpu\"")
     if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
         raise LongDocError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA GPU(s) are visible")
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """'auto' -> bfloat16 on a GPU that supports it (float16 otherwise), float32 on CPU."""
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """'auto' -> bfloat16 on a GPU that supports it (float16 otherwise), float32 on CPU; a torch.dtype as it is."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
     if dtype not in DTYPES:
         raise LongDocError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
     if DTYPES[dtype] is not None:
@@ -63,9 +65,10 @@ def pick_attention(device: str, requested: str | None = None) -> str:
 def load_model(
     name_or_path: str,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    quantization_config=None,
 ):
     """Return (model, tokenizer) in eval mode. Weights load from safetensors only.
 
@@ -104,7 +107,8 @@ def load_model(
             dtype=torch_dtype,
             attn_implementation=attention,
             use_safetensors=True,
-            device_map="auto" if multi_gpu else None,
+            device_map="auto" if multi_gpu else (device if quantization_config is not None else None),
+            **({"quantization_config": quantization_config} if quantization_config is not None else {}),
             **files,
         )
     except (OSError, SafetensorError) as exc:
@@ -112,7 +116,7 @@ def load_model(
             f"could not load the weights of '{name_or_path}': {first_line(exc)}. longdoc loads safetensors "
             "weights only; pass a local folder that has them"
         ) from None
-    if not multi_gpu:
+    if not multi_gpu and quantization_config is None:  # a quantized model is placed by from_pretrained
         model.to(device)
     model.eval()
     log.info("loaded %s (%s, %s, %s attention)", name_or_path, device, torch_dtype, attention)

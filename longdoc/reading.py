@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import KVCache
+from .cache import HostBackedCache, KVCache
 from .errors import LongDocError
 from .methods import Method
 
@@ -56,9 +56,9 @@ class ReadingCache:
 
     @property
     def device(self) -> str:
-        if self.cache is None or self.cache.keys[0] is None:
+        if self.cache is None or not self.cache.filled(0):
             return "none"
-        return self.cache.keys[0].device.type
+        return self.cache.layer(0)[0].device.type
 
     def matches(self, ids: list[int]) -> bool:
         return len(ids) >= self.length and ids[: self.length] == self.ids
@@ -68,6 +68,8 @@ class ReadingCache:
         out (an unfinished stream) is a copy, so two questions never write the same rows."""
         if self.cache is None:
             return None
+        if self.device == "cpu" and device.type != "cpu":  # held in host memory: layers come over as used
+            return HostBackedCache(self.cache, device, ROOM)
         if self.in_use or self.device != device.type:
             return self.cache.to(device).with_room(ROOM)
         self.in_use = True
@@ -81,11 +83,7 @@ class ReadingCache:
         if self.cache is None:
             return
         moved = self.cache.to(device)
-        if str(device) == "cpu" and torch.cuda.is_available():
-            for i in range(moved.num_layers):
-                if moved.keys[i] is not None:
-                    moved.keys[i], moved.values[i] = moved.keys[i].pin_memory(), moved.values[i].pin_memory()
-        self.cache = moved
+        self.cache = moved.pin_memory() if str(device) == "cpu" and torch.cuda.is_available() else moved
 
 
 class ReadingStore:
@@ -184,7 +182,7 @@ def save(reading: ReadingCache, folder: Path, facts: dict) -> Path:
     tensors = {"ids": torch.tensor(reading.ids, dtype=torch.int64)}
     if reading.cache is not None:
         for i in range(reading.cache.num_layers):
-            if reading.cache.keys[i] is not None:
+            if reading.cache.filled(i):
                 keys, values = reading.cache.layer(i)
                 tensors[f"keys.{i}"], tensors[f"values.{i}"] = keys.contiguous().cpu(), values.contiguous().cpu()
     save_file(tensors, str(folder / TENSORS))

@@ -15,3 +15,15 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session", params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Timing ratios on one thread: on a shared, loaded machine, several intra-op threads spin against other
+    processes and a single call can take 10x its CPU time, which says nothing about the code being timed."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

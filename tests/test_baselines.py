@@ -42,8 +42,8 @@ def test_snapkv_keeps_the_keys_a_naive_reference_picks(tiny_model_dirs):
     kv_heads = model.config.num_key_value_heads
     for layer, weights in enumerate(attentions):
         votes = weights[0, :, n - w :, :].sum(1)  # (heads, n): the window's attention, summed over its rows
-        votes = votes.view(kv_heads, -1, n).mean(1)[:, p : n - w]  # mean over each KV head's query heads
-        pooled = F.avg_pool1d(votes, 5, stride=1, padding=2)
+        votes = votes.view(kv_heads, -1, n).mean(1)[:, : n - w]  # mean over each KV head's query heads
+        pooled = F.avg_pool1d(votes, 5, stride=1, padding=2)[:, p:]  # pooled first, then the prefix cut (kvpress)
         for head in range(kv_heads):
             chosen = pooled[head].topk(40).indices.sort().values + p
             expected = torch.cat([torch.arange(p), chosen, torch.arange(n - w, n)])

@@ -24,7 +24,7 @@ HAYSTACK = (ROOT / "examples" / "haystack.txt").read_text()
 BEACON = "What is the special magic number for beacon mentioned in the provided text?"
 LANTERN = "What is the special magic number for lantern mentioned in the provided text?"
 MAX_NEW_TOKENS = 12
-RUN = dict(model=MODEL, options=NEEDLE_GEMFILTER, device="cpu", max_new_tokens=MAX_NEW_TOKENS)
+RUN = dict(model=MODEL, method="gemfilter", options=NEEDLE_GEMFILTER, device="cpu", max_new_tokens=MAX_NEW_TOKENS)
 
 
 def haystack_text(n: int) -> str:
@@ -126,7 +126,12 @@ def test_cli_resumes_after_a_crash_that_left_half_a_line(tmp_path, jobs, sequent
     half = json.dumps({"id": jobs[5]["id"], "answers": sequential[jobs[5]["id"]], "error": None})[:50]
     out.write_text(whole + half)
     flags = ["--model", MODEL, "--device", "cpu", "--max-new-tokens", str(MAX_NEW_TOKENS), "--runner", "local"]
-    flags += [*("--top-k", "256", "--filter-layer", "7"), *("-o", "score=softmax", "-o", "pool_kernel=41")]
+    flags += [
+        "--method",
+        "gemfilter",
+        *("--top-k", "256", "--filter-layer", "7"),
+        *("-o", "score=softmax", "-o", "pool_kernel=41"),
+    ]
     result = CliRunner().invoke(app, ["batch", str(jobs_file), "--out", str(out), *flags, "-o", "query_tokens=16"])
     assert result.exit_code == 2, result.output  # three lines failed
     assert out.read_text().startswith(whole)

@@ -80,3 +80,18 @@ def test_bench_errors_are_one_line(tmp_path):
     assert result.exit_code == 2 and "unknown shape 'gpt-9'" in result.stderr
     result = runner.invoke(app, ["bench", "speed", "--shape", "tiny", "--methods", "full", "-o", "nope=1"])
     assert result.exit_code == 2 and "no benchmarked method has an option 'nope'" in result.stderr
+
+
+def test_speed_takes_the_field_rows(tmp_path):
+    rows = "full,kivi-4,kivi-2,gemfilter,gemfilter+kv_bits=4,h2o"
+    bench(
+        "speed", "--shape", "tiny", "--lengths", "1k", "--runs", "1", "--decode-tokens", "4", "--device", "cpu",
+        "--top-k", "256", "--methods", rows, "--no-reference", "--out", str(tmp_path),
+    )  # fmt: skip
+    by = {r["method"]: r for r in json.loads((tmp_path / "speed.json").read_text())["records"]}
+    assert set(by) == set(rows.split(","))
+    assert by["kivi-4"]["options"] == {} and by["gemfilter+kv_bits=4"]["options"] == {"kv_bits": "4", "top_k": 256}
+    assert by["kivi-2"]["cache_bytes"] < by["kivi-4"]["cache_bytes"] < by["full"]["cache_bytes"] / 3
+    # 288 kept tokens: the 128 oldest are quantized, the last 160 stay in full precision (KIVI's recent window)
+    assert by["gemfilter+kv_bits=4"]["cache_bytes"] < by["gemfilter"]["cache_bytes"]
+    assert by["h2o"]["tokens_kept"] == 8 + 256 + 24 and by["kivi-4"]["tokens_kept"] == 1024

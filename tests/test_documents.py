@@ -48,7 +48,7 @@ def test_corpus_pdf_loads_every_page(name):
 @needs_pdfs
 def test_encrypted_pdf_needs_its_password():
     path = str(PDFS / "libreoffice-writer-password.pdf")
-    with pytest.raises(LongDocError, match="encrypted; pass --password"):
+    with pytest.raises(LongDocError, match="encrypted; pass its password"):
         load_document(path)
     with pytest.raises(LongDocError, match="password is wrong"):
         load_document(path, password="nope")

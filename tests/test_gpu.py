@@ -86,8 +86,10 @@ def test_bf16_cuda_attention_is_as_accurate_as_transformers_sdpa(tiny_model_dirs
     assert ours <= 2 * reference + 1e-2, (ours, reference)
 
 
-DECODE_METHODS = [("full", {}), ("gemfilter", {"top_k": 30}), ("homer", {"max_chunk_len": 1024, "warmup_layers": 1}),
-                  ("snapkv", {"top_k": 30})]  # fmt: skip
+# Past the tiny models' 2,048-token window on purpose (past_window): these check decoding over a long buffer.
+DECODE_METHODS = [("full", {"past_window": True}), ("gemfilter", {"top_k": 30, "past_window": True}),
+                  ("homer", {"max_chunk_len": 1024, "warmup_layers": 1}),
+                  ("snapkv", {"keys_per_head": 30, "past_window": True})]  # fmt: skip
 
 
 LONG_CONTEXT = CONTEXT * 8  # 2,197 tokens: a buffer of 2,304 or more, which single_query_attention splits
@@ -112,7 +114,7 @@ def test_graph_decoding_equals_the_eager_loop(tiny_model_dirs, family, method, o
 
 
 def test_graph_decoding_samples_as_the_eager_loop_with_a_seed(tiny_model_dirs):
-    doc = cuda_doc(tiny_model_dirs["llama"], "gemfilter", top_k=30)
+    doc = cuda_doc(tiny_model_dirs["llama"], "gemfilter", top_k=30, past_window=True)
     config = GenerationConfig(max_new_tokens=40, temperature=1.0, top_p=0.9, seed=3)
     assert decoded(doc, config, graph=True)[0] == decoded(doc, config, graph=False)[0]
 
@@ -151,3 +153,23 @@ def test_split_kv_kernel_matches_the_math(dtype, filled):
     )
     tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3  # the kernel runs float32 on TF32 tensor cores (2.2e-4 seen)
     torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("method", ["full", "gemfilter"])
+def test_follow_ups_on_a_gpu_with_the_reading_on_the_gpu_or_in_host_memory(tiny_model_dirs, method):
+    """A follow-up equals the one-shot answer on a GPU too, and a reading held in host memory changes nothing."""
+    from test_reading import QUESTIONS
+
+    path = str(tiny_model_dirs["llama"])
+    options = {"top_k": 30} if method == "gemfilter" else {}
+    on_gpu = LongDoc.from_pretrained(path, method=method, device="cuda", dtype="float32", **options)
+    on_host = LongDoc.from_pretrained(
+        path, method=method, device="cuda", dtype="float32", readings_on_host=True, **options
+    )
+    for question in QUESTIONS:
+        fresh = LongDoc.from_pretrained(path, method=method, device="cuda", dtype="float32", **options)
+        want = fresh.ask(CONTEXT, question, max_new_tokens=12).text
+        assert on_gpu.ask(CONTEXT, question, max_new_tokens=12).text == want
+        answer = on_host.ask(CONTEXT, question, max_new_tokens=12)
+        assert answer.text == want
+    assert answer.stats.reading == "reused" and answer.stats.reading_device == "cpu"

@@ -94,13 +94,66 @@ def test_homer_decodes_on_gqa_families(tiny_model_dirs, family):
         ({"max_chunk_len": 300, "target_len": 10}, "target_len 10 must exceed"),
         ({"warmup_layers": 4}, "warmup_layers 4 must be below"),
         ({"max_chunk_len": 0}, "max_chunk_len must be at least 1"),
-        ({"max_chunk_len": 60, "warmup_layers": 3}, "tree levels"),
         ({"max_chunk_len": 4096}, "exceeds the model's 2048-token window"),
     ],
 )
 def test_bad_configs(tiny_model_dirs, options, message):
     with pytest.raises(LongDocError, match=message):
         load(tiny_model_dirs["llama"], "homer", **options).ask(CONTEXT, QUESTION, max_new_tokens=2)
+
+
+def test_more_tree_levels_than_layers_merge_several_levels_at_one_layer(tiny_model_dirs):
+    """Issue 19: 4 layers, 3 warm-up, a tree of 3+ levels once refused; now levels share the last layer."""
+    doc = load(tiny_model_dirs["llama"], "homer", max_chunk_len=60, warmup_layers=3)
+    layout = doc.layout(CONTEXT, QUESTION)
+    prefilled = doc.prefill(layout)
+    schedule = [range(a, b) for a, b in prefilled.details["schedule"]]
+    assert len(schedule) > 2 and schedule[0] == range(0, 3) and schedule[-1] == range(3, 4)
+    assert all(not block for block in schedule[1:-1])  # the middle levels merge at layer 3 with the root
+    assert any("merge at the layer of the level below" in note for note in prefilled.notes)
+    lengths = {prefilled.cache.seq_length(i) for i in range(4)}
+    assert lengths == {prefilled.tokens_kept} and prefilled.tokens_kept <= 60
+    answer = doc.ask(CONTEXT, QUESTION, max_new_tokens=3)
+    assert answer.stats.tokens_kept < answer.stats.tokens_in
+
+
+def test_spread_schedule_gives_leaves_and_root_a_layer():
+    # The bundled model on War and Peace: 9 layers, 3 warm-up, 512 chunks (10 levels) on 6 layers.
+    blocks = layer_schedule(9, 3, 9)
+    assert len(blocks) == 10 and blocks[0].start == 0 and blocks[-1].stop == 9
+    assert blocks[0] and blocks[-1]
+    assert [layer for block in blocks for layer in block] == list(range(9))  # each layer once, in order
+    blocks = layer_schedule(6, 0, 9)  # no warm-up: the leaves still run layer 0
+    assert blocks[0] == range(0, 1) and blocks[-1].stop == 6
+
+
+def test_short_last_chunk_hands_its_unused_budget_to_its_left_sibling(deep_llama, monkeypatch):
+    """The reference's rule: a last chunk shorter than half a chunk keeps all of itself, its left sibling the rest."""
+    from longdoc.methods import homer
+
+    blocks = []  # (first context index, context tokens entering the prune, tokens kept, is a leaf) of each block
+    run_block = homer._Run.run_block
+
+    def spy(self, state, layers, keep):
+        first, before = int(state.context_index[0]), state.context_len
+        run_block(self, state, layers, keep)
+        blocks.append((first, before, state.context_len, layers.start == 0))
+
+    monkeypatch.setattr(homer._Run, "run_block", spy)
+    doc = load(deep_llama, "homer", max_chunk_len=100, warmup_layers=2)
+    layout = doc.layout((CONTEXT * 2)[:1117], QUESTION)  # found by search: 8 leaves of 35 tokens, the last 28
+    p, c, s = layout.prefix_len, layout.context_len, layout.suffix_len
+    eff = 100 - p - s
+    prefilled = doc.prefill(layout)
+    chunk_len = prefilled.details["chunk_context_len"]
+    last = c - 7 * chunk_len
+    assert prefilled.details["chunks"] == 8 and 0 < last < eff // 2 < chunk_len
+    leaves = {first: (before, after) for first, before, after, leaf in blocks if leaf}
+    assert leaves[7 * chunk_len] == (last, last)  # the short leaf keeps all of itself
+    assert leaves[6 * chunk_len] == (chunk_len, min(chunk_len, eff - last))  # its sibling keeps the rest
+    assert leaves[0] == (chunk_len, eff // 2)  # every other leaf keeps half a chunk
+    pair = next(before for first, before, _, leaf in blocks if first == 6 * chunk_len and not leaf)
+    assert pair == min(chunk_len, eff - last) + last  # the merged pair holds up to a whole chunk, not eff//2 + last
 
 
 def test_calibrate_writes_a_bias_that_homer_finds_and_reports(deep_llama, tmp_path):

@@ -165,7 +165,7 @@ def test_methods_declare_what_callers_need():
     from longdoc import METHODS
 
     assert {name for name, cls in METHODS.items() if cls.reusable} == {"full", "gemfilter"}
-    assert {name for name, cls in METHODS.items() if cls.reads_past_window} == {"homer", "rag"}
+    assert {name for name, cls in METHODS.items() if cls.reads_past_window} == {"auto", "homer", "rag", "lingua"}
     assert {name for name, cls in METHODS.items() if cls.needs_question_text} == {"rag"}
     assert METHODS["snapkv"].budget_option == "keys_per_head"
 
@@ -175,7 +175,9 @@ def test_per_call_method_and_window_refusal(tiny_model_dirs):
     answer = doc.ask(CONTEXT, QUESTIONS[0], method=GemFilter(top_k=8), max_new_tokens=4)
     assert answer.stats.method == "gemfilter" and answer.stats.tokens_kept < answer.stats.tokens_in
     long_text = CONTEXT * 20  # past the tiny models' 2048-token window
-    with pytest.raises(LongDocError, match="cannot read past; use method 'homer'"):
+    with pytest.raises(
+        LongDocError, match=r"cannot read past; use method 'auto' \(homer past the window\) or method 'homer'"
+    ):
         doc.ask(long_text, QUESTIONS[0], max_new_tokens=2)
     assert doc.ask(long_text, QUESTIONS[0], method=Full(past_window=True), max_new_tokens=2).stats.tokens_in > 2048
 
@@ -192,3 +194,19 @@ def test_a_grown_chat_extends_the_earlier_reading(tiny_model_dirs, method):
     assert first.stats.reading == "read"
     assert second.stats.reading == "extended" and 0 < second.stats.reused_tokens < second.stats.tokens_in
     assert second.text == load(path, method).ask_prompt(turn2, max_new_tokens=8).text  # equal up to rounding
+
+
+@pytest.mark.parametrize("method", REUSABLE, ids=lambda m: m.name)
+def test_a_reading_in_host_memory_streams_layers_and_changes_nothing(tiny_model_dirs, method):
+    """HostBackedCache (what a GPU question gets for a reading held in host memory) equals the shared fork."""
+    from longdoc.cache import HostBackedCache
+    from longdoc.reading import ROOM
+
+    doc = load(tiny_model_dirs["mistral"], method)
+    reading = doc.read(CONTEXT)
+    layout = doc.layout(CONTEXT, QUESTIONS[1])
+    shared = method.prefill(doc.arch, layout, reading=reading.cache.cache.fork())
+    streamed = method.prefill(doc.arch, layout, reading=HostBackedCache(reading.cache.cache, doc.arch.device, ROOM))
+    torch.testing.assert_close(streamed.last_logits, shared.last_logits, atol=0, rtol=0)
+    if shared.kept_context is not None:
+        assert streamed.kept_context.tolist() == shared.kept_context.tolist()

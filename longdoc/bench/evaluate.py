@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable
 
@@ -20,13 +21,16 @@ def needle_records(
     passkey: bool = False,
     seed: int = 0,
     max_new_tokens: int = 32,
+    label: str | None = None,
 ) -> list[dict]:
     """Ask `samples` fresh haystacks of about `length` tokens; one record per sample.
 
     With `depths`, the samples cycle through them; otherwise the asked needle's depth is random.
-    The same seed gives the same haystacks to every method, so methods compare like for like.
+    The same seed gives the same haystacks to every method, so methods compare like for like; each
+    (length, depths) cell gets haystacks of its own, so cells are independent samples, not one set reused. `label` names
+    the records' method (default: the method's name), for rows such as kivi-4 that are one method with settings.
     """
-    rng = random.Random(f"{seed}-{length}-{needles}-{passkey}")
+    rng = random.Random(f"{seed}-{length}-{needles}-{passkey}-{depths if depths is None else list(depths)}")
     depth_list = list(depths) if depths is not None else None
     records = []
     for i in range(samples):
@@ -35,7 +39,7 @@ def needle_records(
         answer = doc.ask(sample.context, sample.question, max_new_tokens=max_new_tokens)
         records.append(
             dict(
-                method=doc.method.name,
+                method=label or doc.method.name,
                 length=length,
                 tokens_in=answer.stats.tokens_in,
                 tokens_kept=answer.stats.tokens_kept,
@@ -53,3 +57,13 @@ def needle_records(
 
 def accuracy(records: list[dict]) -> float:
     return sum(r["correct"] for r in records) / max(1, len(records))
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion: honest at small n and near 0 or 1, unlike p +- z*sqrt(p(1-p)/n)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)

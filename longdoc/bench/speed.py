@@ -17,9 +17,10 @@ from ..attention import NAME as ATTENTION
 from ..errors import LongDocError
 from ..generate import GenerationConfig, generate_tokens
 from ..measure import Measure
-from ..methods import parse_method
+from ..methods import parse_method, split_label
 from ..progress import ProgressHook, no_progress
 from ..prompt import PromptLayout
+from ..quantized import quantized
 from .shapes import random_model
 
 PREFIX, SUFFIX = 8, 24  # template tokens around the context, as a chat prompt has
@@ -73,7 +74,7 @@ def speed_records(
     for length in lengths:
         layout = synthetic_layout(length, model.config.vocab_size)
         for name, options in methods.items():
-            method = parse_method(name, options)
+            method = parse_method(split_label(name)[0], options)
             record = dict(method=name, length=length, options=options)
             try:
                 samples = [_one_run(arch, method, layout, decode_tokens, graph) for _ in range(runs + 1)][1:]
@@ -85,11 +86,11 @@ def speed_records(
                 record.update(
                     oom=False,
                     tokens_kept=samples[0]["kept"],
+                    cache_bytes=samples[0]["cache_bytes"],
                     ttft_seconds=statistics.median(s["ttft"] for s in samples),
                     decode_tokens_per_second=statistics.median(s["decode_tps"] for s in samples),
                     decode_setup_seconds=statistics.median(s["decode_setup"] for s in samples),
                     decode_notes=samples[0]["notes"],
-                    cache_bytes=samples[0]["cache_bytes"],
                     peak_bytes_over_weights=max(s["peak"] or 0 for s in samples) if dev.type == "cuda" else None,
                     runs=runs,
                 )
@@ -155,7 +156,7 @@ def _one_run(arch: Arch, method, layout: PromptLayout, decode_tokens: int, graph
     _free(arch.device)
     with Measure(arch.device) as measure:
         prefilled = method.prefill(arch, layout)
-    cache_bytes = sum(t.numel() * t.element_size() for i in range(arch.num_layers) for t in prefilled.cache.layer(i))
+        prefilled.cache = quantized(prefilled.cache, method.kv_bits)
     notes: list[str] = []
     config = GenerationConfig(max_new_tokens=max(3, decode_tokens))
     times = []
@@ -166,11 +167,11 @@ def _one_run(arch: Arch, method, layout: PromptLayout, decode_tokens: int, graph
     per_token = (times[-1] - times[1]) / (len(times) - 2)
     return dict(
         kept=prefilled.tokens_kept,
+        cache_bytes=prefilled.cache.nbytes(),
         ttft=measure.seconds,
         decode_tps=1 / per_token,
         decode_setup=times[1] - times[0] - per_token,
         notes=notes,
-        cache_bytes=cache_bytes,
         peak=measure.peak_bytes,
     )
 
@@ -249,11 +250,19 @@ def reading_records(
                 with Measure(dev) as first:
                     cache = method.read(arch, torch.tensor([head], device=dev), capacity=len(head) + ROOM)
                     method.prefill(arch, layouts[0], reading=cache.fork())
-                follow = []
+                follow, from_host = [], []
                 for layout in layouts[1:]:
                     with Measure(dev) as measure:
                         method.prefill(arch, layout, reading=cache.fork())
                     follow.append(measure.seconds)
+                if dev.type == "cuda":  # the same questions with the reading in pinned host memory, streamed in
+                    held = ReadingCache(method, head, cache)
+                    held.to("cpu")
+                    for layout in layouts[1:]:
+                        with Measure(dev) as measure:
+                            method.prefill(arch, layout, reading=held.lease(dev))
+                        from_host.append(measure.seconds)
+                    del held
                 with tempfile.TemporaryDirectory(dir=folder) as tmp:
                     reading = ReadingCache(method, head, cache)
                     start = time.perf_counter()
@@ -269,6 +278,7 @@ def reading_records(
                     oom=False,
                     first_ttft_seconds=first.seconds,
                     follow_up_ttft_seconds=statistics.median(follow),
+                    follow_up_from_host_ttft_seconds=statistics.median(from_host) if from_host else None,
                     reading_bytes=loaded.nbytes,
                     save_seconds=saved,
                     load_seconds=loaded_seconds,

@@ -1,4 +1,5 @@
-"""Prefill methods: one frozen dataclass each (`Full`, `GemFilter`, `Homer`, `SnapKV`, `Streaming`, `Rag`).
+"""Prefill methods: one frozen dataclass each (`Auto`, `Full`, `GemFilter`, `Homer`, `SnapKV`, `Streaming`, `Rag`,
+`H2O`, `Lingua`).
 
 In Python a method is an object: `GemFilter(top_k=1024)`. At the edges (CLI, framework integrations,
 benchmarks) a name and string options become one through `parse_method`, which converts each value
@@ -13,10 +14,14 @@ import warnings
 from dataclasses import fields
 
 from ..errors import LongDocError
+from ..quantized import check_bits
+from .auto import Auto
 from .base import Method, Prefill
 from .full import Full
 from .gemfilter import GemFilter
+from .h2o import H2O
 from .homer import Homer
+from .lingua import Lingua
 from .rag import Rag
 from .snapkv import SnapKV
 from .streaming import Streaming
@@ -24,6 +29,7 @@ from .streaming import Streaming
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (
+        Auto,
         Full,
         GemFilter,
         Homer,
@@ -31,7 +37,15 @@ METHODS: dict[str, type[Method]] = {
         SnapKV,
         Streaming,
         Rag,
+        H2O,
+        Lingua,
     )
+}
+
+# Names the benchmark paper gives to a method with settings; each means exactly this.
+ALIASES: dict[str, tuple[str, dict]] = {
+    "kivi-4": ("full", {"kv_bits": 4}),  # KIVI: the full prefill, its cache quantized to 4 bits
+    "kivi-2": ("full", {"kv_bits": 2}),
 }
 
 # Old option names, accepted with a warning for one release (0.2): one word, one meaning.
@@ -52,10 +66,17 @@ def parse_method(name: str | Method, options: dict | None = None) -> Method:
     if isinstance(name, Method):
         if options:
             raise LongDocError(f"options {', '.join(sorted(options))} given beside a {type(name).__name__} object")
+        check_bits(name.kv_bits)
         return name
-    if name not in METHODS:
-        raise LongDocError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
-    cls = METHODS[name]
+    if name in ALIASES:
+        name, preset = ALIASES[name]
+        clash = {key: value for key, value in options.items() if key in preset}
+        if clash:
+            raise LongDocError(f"{', '.join(clash)} is set by the method's name; use '{name}' to choose it")
+        options = {**preset, **options}
+    cls = method_class(name)
+    if cls is Auto:  # its options belong to the two methods it chooses between
+        return Auto.from_options(options, parse_method)
     renamed = {**RENAMED, **RENAMED_IN.get(name, {})}
     types_by_field = typing.get_type_hints(cls)
     accepted = [f.name for f in fields(cls)]
@@ -69,7 +90,29 @@ def parse_method(name: str | Method, options: dict | None = None) -> Method:
         if key not in accepted:
             raise LongDocError(f"method '{name}' has no option {key}; its options are: {', '.join(sorted(accepted))}")
         values[key] = convert(key, value, types_by_field[key])
+    check_bits(values.get("kv_bits"))
     return cls(**values)
+
+
+def method_class(name: str) -> type[Method]:
+    """The class behind a method name or alias."""
+    if name in ALIASES:
+        name = ALIASES[name][0]
+    if name not in METHODS:
+        raise LongDocError(f"unknown method '{name}'; choose one of: {', '.join([*METHODS, *ALIASES])}")
+    return METHODS[name]
+
+
+def split_label(label: str) -> tuple[str, dict[str, str]]:
+    """A benchmark row 'NAME' or 'NAME+KEY=VALUE+...' (e.g. 'gemfilter+kv_bits=4') -> (name, options)."""
+    name, *pairs = label.split("+")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise LongDocError(f"a method row takes NAME+KEY=VALUE, got '{label}'")
+        options[key] = value
+    return name, options
 
 
 def convert(key: str, value, annotation):
@@ -112,14 +155,20 @@ def convert(key: str, value, annotation):
 
 __all__ = [
     "METHODS",
+    "ALIASES",
+    "Auto",
     "Full",
     "GemFilter",
+    "H2O",
     "Homer",
+    "Lingua",
     "Method",
     "Prefill",
     "Rag",
     "SnapKV",
     "Streaming",
     "convert",
+    "method_class",
     "parse_method",
+    "split_label",
 ]

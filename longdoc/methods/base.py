@@ -36,8 +36,15 @@ class Prefill:
         self.tokens_kept = self.tokens_kept or self.cache.seq_length()
 
 
+@dataclass(frozen=True)
 class Method:
-    """Base of every method's settings dataclass: the facts callers ask instead of comparing names."""
+    """Base of every method's settings dataclass: the facts callers ask instead of comparing names.
+
+    `kv_bits` (8, 4 or 2) quantizes the cache each method hands to decoding, KIVI's way (longdoc/quantized.py);
+    it is keyword-only, so it follows each method's own fields.
+    """
+
+    kv_bits: int | None = field(default=None, kw_only=True)
 
     name: ClassVar[str]
     reads_past_window: ClassVar[bool] = False  # takes prompts longer than the model's trained window
@@ -135,6 +142,7 @@ def reread_kept(
     kept = layout.keep_index(kept_context.to(arch.device))
     input_ids = layout.input_ids(arch.device)[:, kept]
     m = input_ids.shape[1]
+    arch.check_span(m)
     cache = KVCache(arch.num_layers)
     logits = run_model(arch, input_ids, torch.arange(m, device=arch.device)[None], cache, prefill_chunk, progress)
     return cache, m, logits

@@ -47,7 +47,10 @@ class Full(Method):
             cache = self.read(arch, input_ids[:, :split], progress, capacity=n)
         rest = input_ids[:, split:]
         logits = run_model(arch, rest, _positions(split, rest, arch), cache, self.prefill_chunk, progress)
-        return Prefill(cache=cache, next_position=n, last_logits=logits)
+        # No evidence: every token stays, so no passage is singled out (a score would be attention read as
+        # importance, which full never uses); the notes say so, so --json's empty evidence is explained.
+        notes = ["full: no evidence spans, it keeps every token"] if layout.context_len else []
+        return Prefill(cache=cache, next_position=n, last_logits=logits, notes=notes)
 
 
 def _positions(start: int, input_ids: torch.Tensor, arch: Arch) -> torch.Tensor:

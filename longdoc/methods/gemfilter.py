@@ -153,7 +153,9 @@ class GemFilter(Method):
         rows = arch.rotary(hidden, torch.arange(first, n, device=hidden.device)[None])
         chunks = _chunks(0, split - first, self.prefill_chunk) + _chunks(split - first, n - first, self.prefill_chunk)
         cache = reading.fork() if reading is not None else KVCache(arch.num_layers)
-        self._filter_layers(arch, hidden, rows, cache, layer, chunks, reading is not None, progress)
+        # Each layer's keys and values are dropped once the question's rows have passed it (from a fork, only the
+        # fork's references): one layer alive, and a reading held in host memory streams in one layer at a time.
+        self._filter_layers(arch, hidden, rows, cache, layer, chunks, False, progress)
         for start, end in chunks:
             keys = arch.keys(layer, hidden[:, start:end], _rows(rows, start, end))
             cache.update(keys, keys[..., :0], layer)
@@ -164,7 +166,7 @@ class GemFilter(Method):
             batch, heads, _, d = queries.shape
             kv_heads = keys.shape[1]
             # Sum the queries of each GQA group (and the w rows): sum_h q_h . k_g(h) = sum_g (sum_{h in g} q_h) . k_g
-            grouped = queries.float().view(batch, kv_heads, heads // kv_heads * w, d).sum(2)
+            grouped = queries.float().reshape(batch, kv_heads, heads // kv_heads * w, d).sum(2)
             scores = torch.einsum("bgd,bgnd->bn", grouped, keys.float())
         else:
             scores = causal_window_probs(queries, keys).sum((1, 2, 3))

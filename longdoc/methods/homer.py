@@ -8,6 +8,12 @@ chunk states are alive, and memory grows with log(n). Pruning also drops the sam
 the chunk's lower layers (propagative refinement), so the root ends with an ordinary KV cache
 that holds the same tokens in every layer, and decoding runs on it unchanged.
 
+Any length on any depth: a tree with more levels than the layers after warm-up spreads its levels
+over those layers, and a level without a layer of its own merges at the layer of the level below,
+pruning by that layer's scores (layer_schedule). Budgets pass down the tree as in the reference:
+half a chunk per child, a lone left child unpruned, and a short last chunk kept whole with its left
+sibling keeping the rest (_Run.budgets).
+
 Positions follow the reference: every chunk's context starts at position len(prefix); the
 suffix sits at len(prefix) + chunk_len in every chunk; merged position ids are concatenated,
 never renumbered, so no position exceeds max_chunk_len. Decoding continues at the last one + 1.
@@ -74,24 +80,28 @@ class ChunkState:
         self.positions = self.positions[:, index]
         self.cache.keep(index)
         self.context_index = self.context_index[rows.to(self.context_index.device)]
-        self.context_scores = scores[rows].cpu()
+        self.context_scores = scores[rows.to(scores.device)].cpu()
 
 
 def layer_schedule(num_layers: int, warmup: int, height: int) -> list[range]:
     """Layers run at each tree level (0 = leaves ... height = root).
 
     M = L - warmup layers are shared out: lpc = M // (height + 1) per level, the leftover to the
-    leaves, which also run the warm-up layers.
+    leaves, which also run the warm-up layers (the reference's rule). When the tree has more levels
+    than M (a long input on a shallow model), the levels are spread over the M layers instead: a
+    level that gets no layer of its own merges at the layer where the level below ended and prunes
+    by that layer's scores, so several levels merge at one layer. Leaves and root always run a layer.
     """
     shared = num_layers - warmup
     per_level = shared // (height + 1)
-    if per_level < 1:
-        raise LongDocError(
-            f"{2**height} chunks need {height + 1} tree levels but only {shared} layers are left after "
-            f"{warmup} warm-up layers; raise max_chunk_len or lower warmup_layers"
-        )
-    first = warmup + (shared - per_level * (height + 1)) + per_level
-    return [range(0, first)] + [range(first + i * per_level, first + (i + 1) * per_level) for i in range(height)]
+    if per_level >= 1:
+        first = warmup + (shared - per_level * (height + 1)) + per_level
+        return [range(0, first)] + [range(first + i * per_level, first + (i + 1) * per_level) for i in range(height)]
+    starts = [max(warmup + (i * shared) // (height + 1), 1) for i in range(1, height + 1)]
+    if starts[-1] >= num_layers:
+        raise LongDocError(f"a {num_layers}-layer model has no layer left to merge {2**height} chunks at")
+    bounds = [0, *starts, num_layers]
+    return [range(bounds[i], bounds[i + 1]) for i in range(height + 1)]
 
 
 def default_chunk_len(arch: Arch) -> int:
@@ -160,8 +170,9 @@ class Homer(Method):
         bias = load_calibration(calibration, arch.num_layers).to(arch.device) if calibration else None
         auto = arch.device.type == "cuda" and num_chunks > AUTO_OFFLOAD_CHUNKS
         offload = self.offload if self.offload is not None else auto
-        run = _Run(arch, layout, schedule, chunk_len, num_chunks, eff // 2, target - p - s, progress, bias, offload)
-        root = run.subtree(0, num_chunks, level=height)
+        run = _Run(arch, layout, schedule, chunk_len, num_chunks, eff, progress, bias, offload)
+        root = run.subtree(0, num_chunks, level=height, keep=target - p - s)
+        shared_levels = [i for i, block in enumerate(schedule) if not block]
         logits = arch.head(root.hidden)
         return Prefill(
             cache=root.cache,
@@ -173,6 +184,15 @@ class Homer(Method):
                 f"homer: {num_chunks} chunks of {chunk_len} context tokens, {height} merge levels, "
                 f"merges at layers {[b.start for b in schedule[1:]]}"
                 + (", finished subtrees parked in host memory" if run.offload else ""),
+                *(
+                    [
+                        f"homer: {height + 1} tree levels but {arch.num_layers - warmup} layers after {warmup} "
+                        f"warm-up layers: levels {shared_levels} merge at the layer of the level below and "
+                        "prune by its scores"
+                    ]
+                    if shared_levels
+                    else []
+                ),
                 f"homer: calibrated with {calibration}"
                 if calibration
                 else "homer: uncalibrated (no calibration file; `longdoc calibrate MODEL` makes one)",
@@ -190,37 +210,56 @@ class Homer(Method):
 class _Run:
     """One HOMER prefill: builds leaves, runs blocks, prunes and merges, depth first."""
 
-    def __init__(self, arch, layout, schedule, chunk_len, num_chunks, child_keep, root_keep, progress, bias, offload):
+    def __init__(self, arch, layout, schedule, chunk_len, num_chunks, eff, progress, bias, offload):
         self.arch, self.layout, self.schedule = arch, layout, schedule
         self.bias = bias  # (layers, distances) mean score to subtract, or None
         self.offload = offload  # park finished left subtrees of OFFLOAD_MIN_LEAVES+ leaves in host memory
         self.chunk_len, self.num_chunks = chunk_len, num_chunks
-        self.child_keep, self.root_keep = child_keep, root_keep
+        self.eff = eff  # context tokens one chunk holds: max_chunk_len - prefix - suffix
         self.progress = progress
         self.alive = self.max_alive = self.leaves_done = 0
         self.ids = layout.input_ids(arch.device)[0]
         self.protected = layout.protected_mask(arch.device)
 
+    def leaf_len(self, index: int) -> int:
+        """Context tokens of leaf `index` (0 past the last real chunk)."""
+        return max(0, min((index + 1) * self.chunk_len, self.layout.context_len) - index * self.chunk_len)
+
+    def budgets(self, mid: int) -> tuple[int, int]:
+        """Context tokens the left and right children of a merge keep, so the merged chunk holds one chunk.
+
+        Half each, as the reference; with no right child the left passes through unpruned. The reference's
+        rule for a short last chunk: when the right subtree starts with a chunk shorter than a half, it keeps
+        all of it and the left keeps the rest of the chunk (without it, at max_chunk_len 4096 about 4.9 % of
+        context lengths lose up to 510 tokens of the budget).
+        """
+        right_first = self.leaf_len(mid)
+        if right_first == 0:
+            return self.eff, 0
+        if right_first < self.eff // 2:
+            return self.eff - right_first, right_first
+        return self.eff // 2, self.eff // 2
+
     @torch.inference_mode()
-    def subtree(self, lo: int, hi: int, level: int) -> ChunkState | None:
-        """The state of leaves [lo, hi) after their whole subtree, reduced for its parent."""
+    def subtree(self, lo: int, hi: int, level: int, keep: int) -> ChunkState | None:
+        """The state of leaves [lo, hi) after their whole subtree, reduced to `keep` context tokens for its parent."""
         if hi - lo == 1:
             state = self.leaf(lo)
         else:
             mid = (lo + hi) // 2
-            left = self.subtree(lo, mid, level - 1)
+            left_keep, right_keep = self.budgets(mid)
+            left = self.subtree(lo, mid, level - 1, left_keep)
             parked = self.offload and left is not None and mid - lo >= OFFLOAD_MIN_LEAVES
             if parked:
                 left = left.to("cpu")
-            right = self.subtree(mid, hi, level - 1)
+            right = self.subtree(mid, hi, level - 1, right_keep) if right_keep else None
             if parked:
                 left = left.to(self.arch.device)
             state = merge(left, right) if right is not None else left
             self.alive -= 1 if right is not None else 0
         if state is None:
             return None
-        is_root = level == len(self.schedule) - 1
-        self.run_block(state, self.schedule[level], keep=self.root_keep if is_root else self.child_keep)
+        self.run_block(state, self.schedule[level], keep=keep)
         return state
 
     def leaf(self, index: int) -> ChunkState | None:
@@ -245,8 +284,16 @@ class _Run:
         )
 
     def run_block(self, state: ChunkState, layers: range, keep: int) -> None:
-        """Run `layers` over the chunk, then keep the `keep` context tokens its last token attends to most."""
+        """Run `layers` over the chunk, then keep the `keep` context tokens its last token attends to most.
+
+        No layers (a level that shares its layer with the level below): keep by the scores that layer gave.
+        """
         arch = self.arch
+        protected = self.protected[state.context_index.to(self.protected.device)]
+        if not layers:
+            scores = state.context_scores.to(protected.device)
+            state.keep(strongest(scores.masked_fill(protected, float("inf")), keep).to(arch.device), scores)
+            return
         position_embeddings = arch.rotary(state.hidden, state.positions)
         # [prefix | context] then the suffix, as full's prefill splits a prompt (prompt.py: reading_len), so one
         # chunk equals full bit for bit. The suffix's inputs to the block's last layer give the scoring query.
@@ -268,7 +315,6 @@ class _Run:
             self.progress("homer", self.leaves_done, self.num_chunks)
         scores = self.scores(state, layers[-1], layer_input, position_embeddings)
         context_scores = scores[state.prefix_len : state.prefix_len + state.context_len]
-        protected = self.protected[state.context_index.to(self.protected.device)]
         state.keep(strongest(context_scores.masked_fill(protected, float("inf")), keep), context_scores)
 
     def scores(self, state: ChunkState, layer: int, layer_input, position_embeddings) -> torch.Tensor:
@@ -299,7 +345,7 @@ def merge(left: ChunkState, right: ChunkState) -> ChunkState:
 
     cache = KVCache(left.cache.num_layers)
     for i in range(cache.num_layers):
-        if left.cache.keys[i] is None:
+        if not left.cache.filled(i):
             continue
         lk, lv = left.cache.layer(i)
         rk, rv = right.cache.layer(i)

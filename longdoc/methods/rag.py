@@ -70,7 +70,6 @@ class Rag(Method):
         chosen.sort()
         kept_context = torch.cat([torch.arange(first, end) for first, end, _ in chosen])
         context_scores = torch.cat([torch.full((end - first,), score) for first, end, score in chosen])
-        arch.check_span(layout.prefix_len + kept_context.numel() + layout.suffix_len)
         cache, m, logits = reread_kept(arch, layout, kept_context, self.prefill_chunk, progress)
         return Prefill(
             cache=cache,

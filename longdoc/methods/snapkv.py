@@ -2,8 +2,8 @@
 
 After the ordinary prefill, the last `window` prompt tokens (the observation window) vote in every
 layer: their softmax attention over the earlier keys, averaged over the query heads of each KV head
-and summed over the window, average-pooled (kernel 5), picks `top_k` context keys per KV head. The
-prefix, those keys and the window stay, at their original positions; decoding continues at n.
+and summed over the window, average-pooled (kernel 5) over every earlier row, picks `top_k` context
+keys per KV head. The prefix, those keys and the window stay, at their original positions; decoding continues at n.
 """
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ class SnapKV(Method):
         for i, queries in enumerate(selections):
             keys, _ = cache.layer(i)
             # The window's attention summed over its rows, averaged over each KV head's query heads.
-            head_scores = causal_window_probs(queries, keys).sum(3).mean(2)[..., p : n - w]  # (1, Hkv, n - w - p)
-            pooled = F.avg_pool1d(head_scores[0], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
+            head_scores = causal_window_probs(queries, keys).sum(3).mean(2)[..., : n - w]  # (1, Hkv, n - w)
+            # Pooled over every row before the window, then the prefix cut away, as SnapKV's and kvpress's
+            # references do: the first and last context rows average with their true neighbours, not zeros.
+            pooled = F.avg_pool1d(head_scores[0], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)[:, p:]
             votes += pooled.sum(0)
             k = min(self.keys_per_head, pooled.shape[-1])
             chosen = pooled.masked_fill(protected, float("inf")).topk(k, dim=-1).indices.sort(-1).values + p

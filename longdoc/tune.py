@@ -1,0 +1,148 @@
+"""`longdoc tune`: measure a model's best GemFilter settings and HOMER's calibration, for its profile.
+
+Accuracy is the needle task (bench/needle.py: a fact hidden in book text, asked for by name), the
+same one `longdoc bench layers` plots. GemFilter: every filter layer is swept with each scoring
+preset (PRESETS), then each scoring option is flipped in turn at the best layer (kept when it answers
+more), and the layers are swept again if the scoring changed. HOMER: the positional calibration is measured
+on plain book text, and kept only if it answers at least as many needles past the window as none.
+"""
+
+from __future__ import annotations
+
+from .bench.evaluate import accuracy, needle_records
+from .calibration import FILE_NAME as CALIBRATION_FILE
+from .calibration import measure, save, text_windows
+from .errors import LongDocError
+from .progress import ProgressHook, no_progress
+
+# Scoring alternatives tried at the best layer: (option, default value, alternative).
+SCORING = [("score", "logits", "softmax"), ("query_tokens", 1, 16), ("pool_kernel", 5, 41)]
+# Layers are swept with each preset: the paper's scoring (the defaults) and one for small models whose few
+# retrieval heads are swamped by other heads' logits. Measured on the bundled needle model (its card): with the
+# paper's single query every layer scores 0.02-0.10, so flipping one option at a time from it finds nothing.
+PRESETS = [{}, {"score": "softmax", "query_tokens": 16, "pool_kernel": 41}]
+
+
+def sweep_filter_layer(
+    base,
+    haystacks,
+    options: dict,
+    lengths: list[int],
+    samples: int,
+    seed: int = 0,
+    progress: ProgressHook = no_progress,
+    needles: int = 1,
+) -> tuple[dict[int, dict[int, float]], list[dict]]:
+    """GemFilter accuracy at every filter layer: ({length: {layer: accuracy}}, records)."""
+    base = unprofiled(base)
+    series: dict[int, dict[int, float]] = {length: {} for length in lengths}
+    records = []
+    layers = base.arch.num_layers
+    for layer in range(layers):
+        doc = base.with_method("gemfilter", **{**options, "filter_layer": layer})
+        for length in lengths:
+            cell = needle_records(doc, haystacks, length=length, needles=needles, samples=samples, seed=seed)
+            for record in cell:
+                record["filter_layer"] = layer
+            records.extend(cell)
+            series[length][layer] = accuracy(cell)
+        progress("filter layers", layer + 1, layers)
+    return series, records
+
+
+def unprofiled(base):
+    """The same loaded model without its profile: a sweep measures the options it is given, not the old profile's."""
+    from .api import LongDoc
+
+    return LongDoc(base.model, base.tokenizer, "full", base.system_prompt, store=base.store)
+
+
+def mean_accuracy(series: dict[int, dict[int, float]], layer: int) -> float:
+    return sum(by_layer[layer] for by_layer in series.values()) / len(series)
+
+
+def best_layer(series: dict[int, dict[int, float]]) -> int:
+    """The most accurate layer; the earliest of equals (an earlier layer is a cheaper first pass)."""
+    layers = next(iter(series.values()))
+    return max(layers, key=lambda layer: (mean_accuracy(series, layer), -layer))
+
+
+def tune_gemfilter(base, haystacks, options: dict, lengths: list[int], samples: int, seed: int, progress) -> dict:
+    """The profile entry for gemfilter: options, accuracy, and how they were measured."""
+    best = -1.0
+    for preset in PRESETS:  # the caller's options win over a preset's
+        trial = {**preset, **options}
+        trial_series, _ = sweep_filter_layer(base, haystacks, trial, lengths, samples, seed, progress)
+        trial_layer = best_layer(trial_series)
+        if mean_accuracy(trial_series, trial_layer) > best:
+            series, layer, chosen = trial_series, trial_layer, trial
+            best = mean_accuracy(trial_series, trial_layer)
+    options, changed = dict(chosen), False
+    for done, (name, default, alternative) in enumerate(SCORING, start=1):
+        current = options.get(name, default)
+        trial = {**options, name: alternative if current == default else default, "filter_layer": layer}
+        doc = base.with_method("gemfilter", **trial)
+        score = sum(accuracy(needle_records(doc, haystacks, length=n, samples=samples, seed=seed)) for n in lengths)
+        score /= len(lengths)
+        progress("scoring", done, len(SCORING))
+        if score > best:
+            options[name], best, changed = trial[name], score, True
+    if changed:  # the best layer may move with the scoring
+        series, _ = sweep_filter_layer(base, haystacks, options, lengths, samples, seed, progress)
+        layer = best_layer(series)
+        best = mean_accuracy(series, layer)
+    return dict(
+        options={**options, "filter_layer": layer},
+        accuracy=round(best, 4),
+        samples=samples * len(lengths),
+        lengths=lengths,
+        layer_accuracy={str(n): {str(k): v for k, v in by_layer.items()} for n, by_layer in series.items()},
+    )
+
+
+def tune_homer(base, haystacks, texts: list[str], folder, samples: int, seed: int, progress) -> dict:
+    """The profile entry for homer: the calibration measured on `texts`, kept if it answers at least as well."""
+    from .methods.homer import default_chunk_len
+
+    length = default_chunk_len(base.arch)
+    windows = text_windows(base.tokenizer, texts, length, samples, seed)
+    bias = measure(base.arch, windows, progress)
+    path = save(folder / CALIBRATION_FILE, bias, source="longdoc tune", samples=samples)
+    window = base.arch.trained_window
+    if not window:
+        return dict(options={"calibration": CALIBRATION_FILE}, note="the model does not say its window: not measured")
+    past = window + window // 2  # past the window, where auto hands the prompt to homer
+    trials = max(2, samples // 2)
+    scores = {}
+    for done, calibration in enumerate((str(path), "off"), start=1):
+        doc = base.with_method("homer", calibration=calibration)
+        scores[calibration] = accuracy(needle_records(doc, haystacks, length=past, samples=trials, seed=seed))
+        progress("homer", done, 2)
+    kept = scores[str(path)] >= scores["off"]
+    return dict(
+        options={"calibration": CALIBRATION_FILE if kept else "off"},
+        accuracy=round(scores[str(path)] if kept else scores["off"], 4),
+        samples=trials,
+        lengths=[past],
+        uncalibrated_accuracy=scores["off"],
+        calibrated_accuracy=scores[str(path)],
+    )
+
+
+def tune(base, haystacks, texts: list[str], folder, *, samples: int, lengths: list[int], options: dict, seed=0,
+         progress: ProgressHook = no_progress) -> dict:  # fmt: skip
+    """A profile's data for the model loaded in `base` (a LongDoc)."""
+    from . import __version__
+
+    if "filter_layer" in options:
+        raise LongDocError("tune sweeps filter_layer itself; do not pass it")
+    base = unprofiled(base)
+    gemfilter = tune_gemfilter(base, haystacks, options, lengths, samples, seed, progress)
+    homer = tune_homer(base, haystacks, texts, folder, samples, seed, progress)
+    return dict(
+        model=str(getattr(base.arch.config, "_name_or_path", "")),
+        longdoc=__version__,
+        measured_on="needles in held-out books (longdoc.bench.needle), exact answers",
+        methods=dict(gemfilter=gemfilter, homer=homer),
+        auto=dict(within="gemfilter"),
+    )

@@ -1,0 +1,102 @@
+"""Model profiles (longdoc.json): `longdoc tune` writes them, loading a model applies them, explicit options win."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_core import CONTEXT, QUESTION
+
+from longdoc import GemFilter, LongDoc, LongDocError
+from longdoc.profile import FILE_NAME, profile_path
+
+ROOT = Path(__file__).resolve().parents[1]
+NEEDLE_MODEL = ROOT / "examples" / "models" / "needle-tiny"
+BOOKS = ROOT.parent / "shared" / "corpus" / "books"
+if not BOOKS.is_dir():
+    BOOKS = Path("/work/shared/corpus/books")
+
+
+@pytest.fixture
+def profiled(tiny_model_dirs, tmp_path):
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_model_dirs["llama"], folder)
+    profile = {
+        "methods": {
+            "gemfilter": {
+                "options": {"filter_layer": 1, "top_k": 48, "score": "softmax"},
+                "accuracy": 0.75,
+                "samples": 8,
+            },
+            "homer": {"options": {"calibration": "off"}},
+        },
+        "auto": {"within": "gemfilter"},
+    }
+    (folder / FILE_NAME).write_text(json.dumps(profile))
+    return folder
+
+
+def test_loading_a_model_applies_its_profile_and_says_so(profiled):
+    doc = LongDoc.from_pretrained(str(profiled), device="cpu")
+    assert doc.method.within == GemFilter(filter_layer=1, top_k=48, score="softmax")
+    answer = doc.ask(CONTEXT, QUESTION, max_new_tokens=4)
+    assert answer.stats.method == "gemfilter"
+    assert any("needle accuracy 0.75 on 8 samples" in note and "filter_layer=1" in note for note in answer.stats.notes)
+    assert doc.with_method("homer").method.calibration == "off"
+
+
+def test_explicit_options_win_over_the_profile(profiled):
+    doc = LongDoc.from_pretrained(str(profiled), "gemfilter", device="cpu", top_k=32)
+    assert doc.method == GemFilter(filter_layer=1, top_k=32, score="softmax")
+    auto = LongDoc.from_pretrained(str(profiled), device="cpu", top_k=32)
+    assert auto.method.within.top_k == 32 and auto.method.within.filter_layer == 1
+    plain = LongDoc.from_pretrained(str(profiled), GemFilter(top_k=16), device="cpu")  # an object is used as given
+    assert plain.method == GemFilter(top_k=16)
+    assert not any("profile" in note for note in plain.ask(CONTEXT, QUESTION, max_new_tokens=2).stats.notes)
+
+
+def test_a_damaged_profile_is_one_line(profiled):
+    (profiled / FILE_NAME).write_text("{not json")
+    with pytest.raises(LongDocError, match="cannot read the model profile .* run longdoc tune again"):
+        LongDoc.from_pretrained(str(profiled), device="cpu")
+
+
+def test_a_hub_id_profile_lives_in_the_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert profile_path("org/model") == tmp_path / "longdoc" / "profiles" / "org--model" / FILE_NAME
+
+
+def test_the_bundled_model_ships_a_profile_that_answers_the_readme_demo():
+    """The README demo with no flags: `longdoc ask examples/haystack.txt "<question>" --model needle-tiny`."""
+    from longdoc.cli.main import app
+    from typer.testing import CliRunner
+
+    profile = json.loads((NEEDLE_MODEL / FILE_NAME).read_text())
+    assert profile["methods"]["gemfilter"]["accuracy"] > 0.5
+    question = "What is the special magic number for beacon mentioned in the provided text?"
+    result = CliRunner().invoke(
+        app, ["ask", str(ROOT / "examples" / "haystack.txt"), question, "--model", str(NEEDLE_MODEL)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2867825" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BOOKS.is_dir(), reason="needs the book corpus")
+def test_tune_writes_a_profile_that_loading_applies(tmp_path):
+    from longdoc.cli.main import app
+    from typer.testing import CliRunner
+
+    model = tmp_path / "needle"
+    shutil.copytree(NEEDLE_MODEL, model, ignore=shutil.ignore_patterns(FILE_NAME, "longdoc-calibration.safetensors"))
+    args = ["tune", str(model), "--books", str(BOOKS), "--samples", "2", "--lengths", "1024", "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    profile = json.loads((model / FILE_NAME).read_text())
+    gemfilter = profile["methods"]["gemfilter"]
+    assert 0 <= gemfilter["accuracy"] <= 1 and "filter_layer" in gemfilter["options"]
+    assert set(gemfilter["layer_accuracy"]["1024"]) == {str(i) for i in range(9)}
+    doc = LongDoc.from_pretrained(str(model), device="cpu")
+    assert doc.method.within.filter_layer == gemfilter["options"]["filter_layer"]
