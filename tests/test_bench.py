@@ -71,7 +71,8 @@ def test_speed_on_a_tiny_shape(tmp_path):
     assert by[("full", 1024)]["tokens_kept"] == 1024
     assert by[("gemfilter", 1024)]["tokens_kept"] == 8 + 64 + 24  # prefix + top_k + suffix
     assert by[("full", 256)]["ttft_seconds"] > 0 and by[("full", 256)]["decode_tokens_per_second"] > 0
-    assert "error" in by[("homer", 1024)]  # 4 chunks need more layers than the tiny shape has: reported, not dropped
+    # 4 chunks need more tree levels than the tiny shape has layers: homer now merges several levels at a layer
+    assert "error" not in by[("homer", 1024)] and by[("homer", 1024)]["tokens_kept"] <= 512
     assert (tmp_path / "speed.png").read_bytes().startswith(PNG)
 
 
