@@ -53,6 +53,6 @@ field)
         -o gemfilter.query_tokens=16 --out "$out/needle-field" -q
     ;;
 batch)
-    python3 benchmarks/batch_throughput.py "$out/batch" --documents 40 --tokens 32768 --questions 5 --top-k 1024
+    PYTHONPATH=. python3 benchmarks/batch_throughput.py "$out/batch" --documents 40 --tokens 32768 --questions 5 --top-k 1024
     ;;
 esac
