@@ -190,17 +190,9 @@ def open_reading(request: AskRequest, cache: Path | None, quiet: bool):
 
 
 def read_document(doc, document, quiet: bool):
-    """doc.read with its progress; out of memory while reading becomes one line naming the ways out."""
-    import torch
-
+    """doc.read with its progress (running out of memory is the library's one-line LongDocError)."""
     with staged_progress(quiet, "reading") as progress:
-        try:
-            return doc.read(document, progress=progress)
-        except torch.OutOfMemoryError:
-            raise LongDocError(
-                f"out of GPU memory reading the document with {doc.method.describe()}; try method Homer(), "
-                "a smaller top_k or prefill_chunk, or another device"
-            ) from None
+        return doc.read(document, progress=progress)
 
 
 def _load_cached(doc, document, cache: Path, quiet: bool):

@@ -243,7 +243,10 @@ class LongDoc:
             method = method.pick(self.arch, len(layout))
         if method.reusable:
             self._check_window(method, len(head))
-        cache = self._reading_for(method, head, progress, keep=True)[0]
+        try:
+            cache = self._reading_for(method, head, progress, keep=True)[0]
+        except torch.OutOfMemoryError:
+            raise out_of_memory("reading the document", method) from None
         return Reading(self, method, document, cache)
 
     def load_reading(
@@ -329,10 +332,7 @@ class LongDoc:
                         cache.release()
                     raise
             except torch.OutOfMemoryError:
-                raise LongDocError(
-                    f"out of GPU memory prefilling {len(layout)} tokens with {method.describe()}; try method "
-                    "Homer(), a smaller top_k or prefill_chunk, or another device"
-                ) from None
+                raise out_of_memory(f"prefilling {len(layout)} tokens", method) from None
         if not method.reusable and layout.context_len:
             notes.append(f"{method.name}: its compression depends on the question, so it is redone for each question")
         stats = Stats(
@@ -367,8 +367,7 @@ class LongDoc:
         start = time.perf_counter()
         base = self.store.longest_prefix(method, head)
         if base is not None:  # extend a copy of an earlier reading of the first tokens: equal up to rounding
-            cache = base.cache.to(self.arch.device)
-            cache.capacity = len(head) + ROOM
+            cache = base.cache.to(self.arch.device, room=len(head) - base.length + ROOM)
             ids = torch.tensor([head[base.length :]], device=self.arch.device)
             method.extend(self.arch, cache, ids, progress)
         else:
@@ -459,6 +458,14 @@ class Reading:
         facts = self.engine.facts(self.method, self.document)
         facts["document"] = {"text": self.document.text, "source": self.document.source}
         return save_reading(self.cache, Path(folder), facts)
+
+
+def out_of_memory(work: str, method: Method) -> LongDocError:
+    """The one message for running out of GPU memory in a prefill or a reading: what helps."""
+    return LongDocError(
+        f"out of GPU memory {work} with {method.describe()}; try method Homer(), a smaller top_k or prefill_chunk, "
+        "or another device"
+    )
 
 
 def generation_config(generation: dict) -> GenerationConfig:

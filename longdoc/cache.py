@@ -100,22 +100,20 @@ class KVCache:
         forked.keys, forked.values, forked.lengths = list(self.keys), list(self.values), list(self.lengths)
         return forked
 
-    def with_room(self, extra: int) -> KVCache:
-        """Give every filled layer spare capacity for `extra` more rows, so forks append without copying."""
-        for i in range(self.num_layers):
-            if self.keys[i] is not None and self.keys[i].shape[-2] < self.lengths[i] + extra:
-                keys, values = self.layer(i)
-                self.keys[i] = _grow(keys, self.lengths[i], self.lengths[i] + extra, keys)
-                self.values[i] = _grow(values, self.lengths[i], self.lengths[i] + extra, values)
-        return self
+    def to(self, device: torch.device | str, room: int = 0) -> KVCache:
+        """A copy with every filled layer (only its used length) on `device`, with `room` spare rows per layer.
 
-    def to(self, device: torch.device | str) -> KVCache:
-        """A copy with every filled layer (only its used length) on `device`."""
+        Each layer is copied once, straight into a buffer that already has the room to grow.
+        """
         moved = KVCache(self.num_layers)
         for i in range(self.num_layers):
             if self.keys[i] is not None:
                 keys, values = self.layer(i)
-                moved.set_layer(i, keys.to(device), values.to(device))
+                length = keys.shape[-2]
+                for buffers, source in ((moved.keys, keys), (moved.values, values)):
+                    buffers[i] = source.new_empty((*source.shape[:-2], length + room, source.shape[-1]), device=device)
+                    buffers[i][..., :length, :].copy_(source)
+                moved.lengths[i] = length
         return moved
 
     def nbytes(self) -> int:
@@ -173,7 +171,3 @@ class HostBackedCache(KVCache):
     def free(self, layer_idx: int) -> None:
         self.fetched[layer_idx] = True
         super().free(layer_idx)
-
-    def fork(self) -> HostBackedCache:
-        """Already one question's own view (the host copy is never written): itself."""
-        return self

@@ -19,6 +19,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -50,6 +51,11 @@ class ReadingCache:
     def length(self) -> int:
         return len(self.ids)
 
+    @cached_property
+    def key(self) -> tuple[str, str]:
+        """The store's key: method settings and a digest of the tokens (hashed once, not at every question)."""
+        return self.method.describe(), ids_digest(self.ids)
+
     @property
     def nbytes(self) -> int:
         return self.cache.nbytes() if self.cache is not None else 0
@@ -71,7 +77,7 @@ class ReadingCache:
         if self.device == "cpu" and device.type != "cpu":  # held in host memory: layers come over as used
             return HostBackedCache(self.cache, device, ROOM)
         if self.in_use or self.device != device.type:
-            return self.cache.to(device).with_room(ROOM)
+            return self.cache.to(device, room=ROOM)
         self.in_use = True
         return self.cache.fork()
 
@@ -121,7 +127,7 @@ class ReadingStore:
         return nbytes <= max(self.device_bytes, self.host_bytes)
 
     def add(self, reading: ReadingCache) -> None:
-        self.entries[(reading.method.describe(), ids_digest(reading.ids))] = reading
+        self.entries[reading.key] = reading
         self._balance()
 
     def clear(self) -> None:
@@ -186,7 +192,7 @@ def save(reading: ReadingCache, folder: Path, facts: dict) -> Path:
                 keys, values = reading.cache.layer(i)
                 tensors[f"keys.{i}"], tensors[f"values.{i}"] = keys.contiguous().cpu(), values.contiguous().cpu()
     save_file(tensors, str(folder / TENSORS))
-    meta = {**facts, "format": FORMAT, "ids_sha256": ids_digest(reading.ids), "tokens": reading.length}
+    meta = {**facts, "format": FORMAT, "ids_sha256": reading.key[1], "tokens": reading.length}
     (folder / META).write_text(json.dumps(meta, indent=1))
     return folder
 

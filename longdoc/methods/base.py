@@ -56,6 +56,9 @@ class Method:
     def prefill(
         self, arch: Arch, layout, progress: ProgressHook = no_progress, reading: KVCache | None = None
     ) -> Prefill:
+        """The cache for decoding and what was kept. `reading`, for reusable methods, is a cache of the prompt's
+        first `layout.reading_len` tokens that the method may append to (a fork or lease of a reading, never the
+        reading itself); None computes everything."""
         raise NotImplementedError
 
     def read(

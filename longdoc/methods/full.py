@@ -42,7 +42,7 @@ class Full(Method):
         arch.check_span(n)
         input_ids = layout.input_ids(arch.device)
         if reading is not None:
-            cache = reading.fork()
+            cache = reading  # the caller's own lease of the reading: appending to it leaves the reading whole
         else:
             cache = self.read(arch, input_ids[:, :split], progress, capacity=n)
         rest = input_ids[:, split:]

@@ -152,7 +152,7 @@ class GemFilter(Method):
         hidden = arch.embed(input_ids[:, first:])
         rows = arch.rotary(hidden, torch.arange(first, n, device=hidden.device)[None])
         chunks = _chunks(0, split - first, self.prefill_chunk) + _chunks(split - first, n - first, self.prefill_chunk)
-        cache = reading.fork() if reading is not None else KVCache(arch.num_layers)
+        cache = reading if reading is not None else KVCache(arch.num_layers)  # a lease: ours to append to
         # Each layer's keys and values are dropped once the question's rows have passed it (from a fork, only the
         # fork's references): one layer alive, and a reading held in host memory streams in one layer at a time.
         self._filter_layers(arch, hidden, rows, cache, layer, chunks, False, progress)
