@@ -136,11 +136,17 @@ def run_model(
 
 
 def reread_kept(
-    arch: Arch, layout, kept_context: torch.Tensor, prefill_chunk: int, progress: ProgressHook = no_progress
-) -> tuple[KVCache, int, torch.Tensor]:
+    arch: Arch,
+    layout,
+    kept_context: torch.Tensor,
+    context_scores: torch.Tensor,
+    prefill_chunk: int,
+    progress: ProgressHook = no_progress,
+    notes: list[str] | None = None,
+) -> Prefill:
     """Prefill [prefix | kept context rows | suffix] through the whole model at fresh positions 0..m-1.
 
-    The second pass of GemFilter and of the RAG baseline; returns (cache, m, last logits).
+    The second pass of GemFilter, RAG and lingua; decoding continues at m. `context_scores` are the kept rows'.
     """
     kept = layout.keep_index(kept_context.to(arch.device))
     input_ids = layout.input_ids(arch.device)[:, kept]
@@ -148,4 +154,11 @@ def reread_kept(
     arch.check_span(m)
     cache = KVCache(arch.num_layers)
     logits = run_model(arch, input_ids, torch.arange(m, device=arch.device)[None], cache, prefill_chunk, progress)
-    return cache, m, logits
+    return Prefill(
+        cache=cache,
+        next_position=m,
+        last_logits=logits,
+        kept_context=kept_context.cpu(),
+        context_scores=context_scores.cpu(),
+        notes=notes or [],
+    )

@@ -120,17 +120,12 @@ class GemFilter(Method):
         p, c = layout.prefix_len, layout.context_len
         context_scores = scores[p : p + c].masked_fill(layout.protected_mask(scores.device), float("-inf"))
         kept_context = strongest(context_scores, min(self.top_k, c - len(layout.protected)))
-        cache, m, logits = reread_kept(arch, layout, kept_context, self.prefill_chunk, progress)
-        log.info("gemfilter: %s; kept %d of %d tokens", why, m, n)
         notes = [why] + ([f"gemfilter: scored with the question's last {capped} queries"] if capped else [])
-        return Prefill(
-            cache=cache,
-            next_position=m,
-            last_logits=logits,
-            kept_context=kept_context.cpu(),
-            context_scores=context_scores[kept_context].cpu(),
-            notes=notes,
+        prefill = reread_kept(
+            arch, layout, kept_context, context_scores[kept_context], self.prefill_chunk, progress, notes
         )
+        log.info("gemfilter: %s; kept %d of %d tokens", why, prefill.next_position, n)
+        return prefill
 
     def token_scores(
         self,

@@ -92,18 +92,11 @@ class Lingua(Method):
         fine = given.cpu().masked_fill(~chosen, float("-inf"))
         fine = fine.masked_fill(layout.protected_mask(), float("inf"))
         kept_context = strongest(fine, min(self.top_k, c))
-        cache, m, logits = reread_kept(arch, layout, kept_context, self.prefill_chunk, progress)
-        return Prefill(
-            cache=cache,
-            next_position=m,
-            last_logits=logits,
-            kept_context=kept_context,
-            context_scores=given.cpu()[kept_context],
-            notes=[
-                f"lingua: {int(chosen.sum())} tokens in {sum(1 for s in sentences if chosen[s[0]])} of "
-                f"{len(sentences)} sentences, then the {kept_context.numel()} most informative given the question"
-            ],
-        )
+        notes = [
+            f"lingua: {int(chosen.sum())} tokens in {sum(1 for s in sentences if chosen[s[0]])} of "
+            f"{len(sentences)} sentences, then the {kept_context.numel()} most informative given the question"
+        ]
+        return reread_kept(arch, layout, kept_context, given.cpu()[kept_context], self.prefill_chunk, progress, notes)
 
 
 def _sentences(layout: PromptLayout) -> list[tuple[int, int]]:

@@ -70,12 +70,5 @@ class Rag(Method):
         chosen.sort()
         kept_context = torch.cat([torch.arange(first, end) for first, end, _ in chosen])
         context_scores = torch.cat([torch.full((end - first,), score) for first, end, score in chosen])
-        cache, m, logits = reread_kept(arch, layout, kept_context, self.prefill_chunk, progress)
-        return Prefill(
-            cache=cache,
-            next_position=m,
-            last_logits=logits,
-            kept_context=kept_context,
-            context_scores=context_scores,
-            notes=[f"rag: {len(chosen)} of {len(passages)} passages of {self.passage_tokens} tokens (BM25)"],
-        )
+        notes = [f"rag: {len(chosen)} of {len(passages)} passages of {self.passage_tokens} tokens (BM25)"]
+        return reread_kept(arch, layout, kept_context, context_scores, self.prefill_chunk, progress, notes)
