@@ -4,6 +4,7 @@
 #       ask 5: first and follow-up TTFT, reading size, save/load, 8K-128K) | homer-long (512K, 1M)
 #       | decode (256 tokens after full, gemfilter, homer at 8K-128K: CUDA graph, transformers' generate, the floor;
 #         and the eager loop at 8K for comparison)
+#       | decode-compiled (the same with the torch.compile'd step: gemfilter and homer at 8K, full at 128K)
 #       | needle (bundled model, 1K-16K) | eval (bundled model, 200 samples per row)
 #       | field (KIVI 4/2-bit, gemfilter + 4-bit cache and H2O beside full and gemfilter: speed, cache size, 8K-128K;
 #         then the needle rows of h2o, lingua, kivi-4, kivi-2, gemfilter+kv_bits=4 on the bundled model, 1K-16K)
@@ -28,6 +29,12 @@ decode)
         --decode-tokens 256 --top-k 1024 --out "$out/decode" -q
     longdoc bench speed --shape llama-3.1-8b --lengths 8k --methods gemfilter,homer --runs 1 --decode-tokens 256 \
         --top-k 1024 --no-graph --no-reference --out "$out/decode-eager" -q
+    ;;
+decode-compiled)
+    longdoc bench speed --shape llama-3.1-8b --lengths 8k --methods gemfilter,homer --runs 1 --decode-tokens 256 \
+        --top-k 1024 --no-reference --compile --out "$out/decode-compiled" -q
+    longdoc bench speed --shape llama-3.1-8b --lengths 128k --methods full --runs 1 --decode-tokens 256 \
+        --no-reference --compile --out "$out/decode-compiled-full-128k" -q
     ;;
 homer-long)
     longdoc bench speed --shape llama-3.1-8b --lengths 512k,1024k --methods homer --runs 1 --no-reference \

@@ -255,6 +255,9 @@ def speed(
     runs: int = typer.Option(3, help="Timed runs after one warm-up; medians are reported."),
     decode_tokens: int = typer.Option(32, help="Tokens decoded to measure decode speed (at least 3)."),
     graph: bool = typer.Option(True, help="Decode with a CUDA graph (--no-graph: the eager loop)."),
+    compile: bool = typer.Option(
+        False, "--compile", help="Capture the torch.compile'd decode step (about a minute to compile per cache size)."
+    ),
     reference: bool = typer.Option(
         True, help="Also time transformers' own forward and model.generate at each length (row 'transformers')."
     ),
@@ -294,6 +297,7 @@ def speed(
                 progress=lambda stage, done, total: bar.update(task, completed=done),
                 reference=reference,
                 graph=graph,
+                compile=compile,
             )
         series = {
             name: {r["length"]: r["ttft_seconds"] for r in records if r["method"] == name and "ttft_seconds" in r}

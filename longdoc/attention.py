@@ -178,12 +178,19 @@ def math_masked_attention_with_lse(
 
 
 def efficient_lse_usable(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Checked once per shape family and remembered in a plain dict, which a compiled decode step reads as a
+    constant (the check itself runs kernels torch.compile cannot trace: decode_graph checks before compiling)."""
     if not query.is_cuda:
         return False
-    return _efficient_lse_works(query.device.index or 0, query.dtype, key.shape[1], query.shape[1], query.shape[-1])
+    family = (query.device.index or 0, query.dtype, key.shape[1], query.shape[1], query.shape[-1])
+    if family not in _EFFICIENT_LSE_WORKS:
+        _EFFICIENT_LSE_WORKS[family] = _efficient_lse_works(*family)
+    return _EFFICIENT_LSE_WORKS[family]
 
 
-@lru_cache
+_EFFICIENT_LSE_WORKS: dict[tuple, bool] = {}
+
+
 def _efficient_lse_works(device_index: int, dtype: torch.dtype, kv_heads: int, heads: int, head_dim: int) -> bool:
     """Once per shape family, before any graph capture: does the kernel run on split views and match the math?"""
     chunk, splits = DECODE_BLOCK, 3

@@ -11,6 +11,9 @@ slots not yet written. The token, its position and the slot are device tensors u
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import lru_cache
+
 import torch
 
 from .arch import Arch
@@ -23,8 +26,17 @@ from .cache import KVCache
 MASKED_ATTENTION = (ATTENTION, "sdpa", "eager")
 
 
-def static_capacity(needed: int) -> int:
-    """`needed` slots rounded up so that single-query attention splits the buffer into equal chunks."""
+def static_capacity(needed: int, coarse: bool = False) -> int:
+    """`needed` slots rounded up so that single-query attention splits the buffer into equal chunks.
+
+    `coarse` (a compiled step, which is compiled again for every new capacity) rounds up further, to a quarter
+    of the power of two below `needed`: at most 25 % more slots, four capacities per doubling of the length, so
+    follow-up questions on one reading reuse the compiled step.
+    """
+    if coarse:
+        needed = max(needed, 1024)
+        quarter = 1 << (needed.bit_length() - 3)
+        needed = -(-needed // quarter) * quarter
     chunk = decode_chunk(needed)
     return -(-needed // chunk) * chunk
 
@@ -92,17 +104,44 @@ def unsupported_reason(arch: Arch, cache: KVCache) -> str | None:
     return None
 
 
+def decode_step(arch: Arch, cache: StaticCache, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Feed `input_ids` at `position_ids` into `cache`'s next slot; advance both; the next (1, vocab) logits."""
+    hidden = arch.embed(input_ids)
+    position_embeddings = arch.rotary(hidden, position_ids)
+    cache.reveal_slot()
+    logits = arch.head(arch.forward(hidden, position_embeddings, cache, mask=cache.mask))
+    cache.slot.add_(1)
+    position_ids.add_(1)
+    return logits
+
+
+@lru_cache
+def compiled_step() -> Callable:
+    """`decode_step` through torch.compile, made once per process and compiled once per cache capacity.
+
+    The captured eager step is some 40 kernels a layer, most of them small elementwise ones (norms, rotary,
+    SiLU, residual adds) whose launch gaps cost more than the weights' read on a GPU; Inductor fuses them into
+    a few per layer, and the graph then replays those. Compiling takes about a minute for an 8B model
+    (H200), so it is asked for (`compile_decode`), not the default.
+    """
+    return torch.compile(decode_step, dynamic=False)
+
+
 class StaticDecoder:
     """One decode step over a `StaticCache`: feed a token, get the next (1, vocab) float32 logits.
 
     With `capture` (CUDA) the step is recorded once as a CUDA graph and replayed; without it the same
-    tensor code runs eagerly (CPU tests, and the check that the two agree).
+    tensor code runs eagerly (CPU tests, and the check that the two agree). With `compile` the step is
+    `compiled_step()`: the same tensor code with its elementwise kernels fused.
     """
 
-    def __init__(self, arch: Arch, cache: KVCache, next_position: int, max_steps: int, capture: bool) -> None:
+    def __init__(
+        self, arch: Arch, cache: KVCache, next_position: int, max_steps: int, capture: bool, compile: bool = False
+    ) -> None:
         self.arch = arch
+        self.step_function = compiled_step() if compile else decode_step
         self.filled = cache.seq_length()
-        self.cache = StaticCache(cache, static_capacity(self.filled + max_steps))
+        self.cache = StaticCache(cache, static_capacity(self.filled + max_steps, coarse=compile))
         device = arch.device
         self.next_position = next_position
         self.input_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -115,17 +154,13 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def _step(self) -> torch.Tensor:
-        arch, cache = self.arch, self.cache
-        hidden = arch.embed(self.input_ids)
-        position_embeddings = arch.rotary(hidden, self.position_ids)
-        cache.reveal_slot()
-        logits = arch.head(arch.forward(hidden, position_embeddings, cache, mask=cache.mask))
-        cache.slot.add_(1)
-        self.position_ids.add_(1)
-        return logits
+        return self.step_function(self.arch, self.cache, self.input_ids, self.position_ids)
 
     @torch.inference_mode()
     def _capture(self) -> None:
+        if self.step_function is not decode_step:  # one eager step first: one-time kernel checks stay untraced
+            decode_step(self.arch, self.cache, self.input_ids, self.position_ids)
+            self._rewind()
         # Warm up on a side stream (as torch.cuda.graphs asks): one-time probes, cuBLAS handles and the
         # allocator's pool are set up outside the capture. The warm-up writes slot `filled`; reset after.
         side = torch.cuda.Stream()

@@ -65,15 +65,20 @@ def pick(logits: torch.Tensor, config: GenerationConfig, generator: torch.Genera
 Decode = Callable[[int, int], torch.Tensor]  # (token, position) -> next (1, vocab) float32 logits
 
 
-def decoder(arch: Arch, prefilled: Prefill, max_steps: int, notes: list[str] | None, graph: bool = True) -> Decode:
+def decoder(
+    arch: Arch, prefilled: Prefill, max_steps: int, notes: list[str] | None, graph: bool = True, compile: bool = False
+) -> Decode:
     """A CUDA graph replayed per token where the model and cache allow it, else the eager `step`.
 
-    On a GPU, the reason for decoding eagerly is added to `notes` (the answer's stats).
+    `compile` captures the torch.compile'd step (`decode_graph.compiled_step`). On a GPU, the reason for
+    decoding eagerly is added to `notes` (the answer's stats).
     """
     reason = unsupported_reason(arch, prefilled.cache) if graph else "graph decoding turned off"
     if reason is None:
         try:
-            return StaticDecoder(arch, prefilled.cache, prefilled.next_position, max_steps, capture=True)
+            return StaticDecoder(
+                arch, prefilled.cache, prefilled.next_position, max_steps, capture=True, compile=compile
+            )
         except (RuntimeError, torch.OutOfMemoryError) as exc:  # the eager loop still has the untouched cache
             reason = f"graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     if notes is not None and arch.device.type == "cuda":
@@ -89,11 +94,12 @@ def generate_tokens(
     *,
     notes: list[str] | None = None,
     graph: bool = True,
+    compile: bool = False,
 ) -> Iterator[int]:
     """Yield generated token ids until EOS or `max_new_tokens`. Positions continue at `next_position`.
 
-    On CUDA the steps after the first token replay a captured graph (`decode_graph.py`); `graph=False`
-    keeps the eager loop. Why a GPU decoded eagerly is appended to `notes`.
+    On CUDA the steps after the first token replay a captured graph (`decode_graph.py`), of the compiled
+    step with `compile`; `graph=False` keeps the eager loop. Why a GPU decoded eagerly is appended to `notes`.
     """
     eos = set(eos_ids)
     generator = None
@@ -108,7 +114,7 @@ def generate_tokens(
             return
         yield token
         if i + 1 < config.max_new_tokens:
-            decode = decode or decoder(arch, prefilled, config.max_new_tokens - 1, notes, graph)
+            decode = decode or decoder(arch, prefilled, config.max_new_tokens - 1, notes, graph, compile)
             logits = decode(token, position)
             position += 1
 

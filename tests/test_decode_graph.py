@@ -52,6 +52,17 @@ def test_static_capacity_splits_into_equal_chunks(needed):
     assert capacity % chunk == 0 and capacity // chunk <= 128
 
 
+def test_coarse_capacities_are_few_and_at_most_a_quarter_larger():
+    """A compiled step is compiled per capacity: follow-ups of one reading must land on the same one."""
+    needs = range(1000, 140_000, 97)
+    capacities = [static_capacity(n, coarse=True) for n in needs]
+    for needed, capacity in zip(needs, capacities, strict=True):
+        chunk = decode_chunk(capacity)
+        assert needed <= capacity <= max(1024, needed * 1.25) + chunk and capacity % chunk == 0
+    assert len(set(capacities)) <= 4 * 8 + 1  # four per doubling from 1K to 128K
+    assert static_capacity(4000, coarse=True) == static_capacity(4090, coarse=True)
+
+
 @pytest.mark.parametrize("filled", [1, 256 + 7, 3 * 256])
 def test_split_kv_join_equals_one_masked_softmax(filled):
     """Pieces joined by log-sum-exps equal one softmax over the buffer, also with whole pieces masked."""
@@ -80,6 +91,33 @@ def test_static_step_decodes_as_the_eager_loop(tiny_model_dirs, family, method, 
         token, position = int(want.argmax(-1)), position + 1
     with pytest.raises(ValueError, match="past capacity"):
         decoder(token, position)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_compiled_step_decodes_as_the_eager_loop_in_one_graph(tiny_model_dirs, monkeypatch, split):
+    """torch.compile'd step (what `compile_decode` captures): the eager loop's logits, with no graph break.
+
+    `split` takes the GPU's split-KV attention path on the CPU (the math stands in for the CUDA kernel).
+    """
+    from torch._dynamo.utils import counters
+
+    import longdoc.attention as attention
+
+    if split:
+        monkeypatch.setattr(attention, "efficient_lse_usable", lambda query, key: True)
+        monkeypatch.setattr(attention, "efficient_attention_with_lse", math_masked_attention_with_lse)
+    doc = load(tiny_model_dirs["qwen3"], "gemfilter", attn=None, top_k=30)
+    layout = doc.layout(CONTEXT, QUESTION)
+    eager, static = doc.prefill(layout), doc.prefill(layout)
+    counters.clear()
+    decoder = StaticDecoder(doc.arch, static.cache, static.next_position, max_steps=6, capture=False, compile=True)
+    assert decoder.cache.capacity == static_capacity(static.cache.seq_length() + 6, coarse=True)
+    token, position = int(eager.last_logits.argmax(-1)), eager.next_position
+    for _ in range(6):
+        want = step(doc.arch, token, position, eager)
+        torch.testing.assert_close(decoder(token, position), want, atol=1e-4, rtol=1e-4)
+        token, position = int(want.argmax(-1)), position + 1
+    assert not counters["graph_break"]
 
 
 def test_decoding_on_the_cpu_stays_eager_and_adds_no_note(tiny_model_dirs):

@@ -95,11 +95,20 @@ DECODE_METHODS = [("full", {"past_window": True}), ("gemfilter", {"top_k": 30, "
 LONG_CONTEXT = CONTEXT * 8  # 2,197 tokens: a buffer of 2,304 or more, which single_query_attention splits
 
 
-def decoded(doc: LongDoc, config: GenerationConfig, graph: bool) -> tuple[list[int], list[str]]:
+def decoded(doc: LongDoc, config: GenerationConfig, graph: bool, compile: bool = False) -> tuple[list[int], list[str]]:
     notes: list[str] = []
     prefilled = doc.prefill(doc.layout(LONG_CONTEXT, QUESTION))
-    tokens = list(generate_tokens(doc.arch, prefilled, config, (), notes=notes, graph=graph))
+    tokens = list(generate_tokens(doc.arch, prefilled, config, (), notes=notes, graph=graph, compile=compile))
     return tokens, notes
+
+
+@pytest.mark.parametrize("method, options", DECODE_METHODS[:2])
+def test_compiled_graph_decoding_equals_the_eager_loop(tiny_model_dirs, method, options):
+    """float32 on CUDA: the captured torch.compile'd step gives the eager loop's greedy tokens, with no note."""
+    doc = cuda_doc(tiny_model_dirs["llama"], method, **options)
+    config = GenerationConfig(max_new_tokens=40)
+    compiled, notes = decoded(doc, config, graph=True, compile=True)
+    assert notes == [] and compiled == decoded(doc, config, graph=False)[0]
 
 
 @pytest.mark.parametrize("method, options", DECODE_METHODS)

@@ -50,11 +50,13 @@ def speed_records(
     progress: ProgressHook = no_progress,
     reference: bool = False,
     graph: bool = True,
+    compile: bool = False,
 ) -> tuple[list[dict], dict]:
     """One record per (length, method): medians of `runs` timed runs after one warm-up; OOM is recorded.
 
     With `reference`, each length also gets a "transformers" record: a plain forward and `model.generate`.
-    `graph=False` decodes with the eager loop instead of the CUDA graph.
+    `graph=False` decodes with the eager loop instead of the CUDA graph; `compile` captures the compiled step
+    (its compilation falls in the warm-up run).
     """
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -77,7 +79,7 @@ def speed_records(
             method = parse_method(split_label(name)[0], options)
             record = dict(method=name, length=length, options=options)
             try:
-                samples = [_one_run(arch, method, layout, decode_tokens, graph) for _ in range(runs + 1)][1:]
+                samples = [_one_run(arch, method, layout, decode_tokens, graph, compile) for _ in range(runs + 1)][1:]
             except torch.OutOfMemoryError:
                 record.update(oom=True)
             except LongDocError as exc:  # this method cannot run this length (e.g. too few layers for the chunks)
@@ -146,7 +148,7 @@ def _transformers_reference(model, layout: PromptLayout, runs: int, decode_token
     return record
 
 
-def _one_run(arch: Arch, method, layout: PromptLayout, decode_tokens: int, graph: bool) -> dict:
+def _one_run(arch: Arch, method, layout: PromptLayout, decode_tokens: int, graph: bool, compile: bool) -> dict:
     """Prefill, then decode `decode_tokens` (at least 3) greedy tokens, timing each as it is yielded.
 
     Tokens/s counts from the second token on: the first comes from the prefill's logits, and the step
@@ -161,7 +163,7 @@ def _one_run(arch: Arch, method, layout: PromptLayout, decode_tokens: int, graph
     config = GenerationConfig(max_new_tokens=max(3, decode_tokens))
     times = []
     _sync(arch.device)
-    for _ in generate_tokens(arch, prefilled, config, eos_ids=(), notes=notes, graph=graph):
+    for _ in generate_tokens(arch, prefilled, config, eos_ids=(), notes=notes, graph=graph, compile=compile):
         _sync(arch.device)
         times.append(time.perf_counter())
     per_token = (times[-1] - times[1]) / (len(times) - 2)
