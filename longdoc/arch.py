@@ -83,6 +83,22 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def check_hooks(layer: nn.Module) -> None:
+    """Refuse a layer whose accelerate hook would move the cache argument: it would hand the attention a copy of
+    longdoc's cache at every call, and what the layer appends would be lost (transformers' own dispatch skips it)."""
+    hook = getattr(layer, "_hf_hook", None)
+    for one in getattr(hook, "hooks", (hook,)):
+        if one is None or not hasattr(one, "skip_keys"):
+            continue
+        skipped = [one.skip_keys] if isinstance(one.skip_keys, str) else list(one.skip_keys or ())
+        if "past_key_values" not in skipped:
+            raise LongDocError(
+                'the model\'s layers were dispatched by accelerate without skip_keys="past_key_values", so each '
+                "layer would get a copy of longdoc's cache; load it with device_map=..., or pass "
+                "skip_keys=model._skip_keys_device_placement to dispatch_model"
+            )
+
+
 def offloaded(module: nn.Module) -> bool:
     """Whether accelerate keeps some of this module's weights off its execution device (host memory or disk)."""
     return any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in module.modules())
@@ -141,6 +157,8 @@ class Arch:
         self.attn_implementation = getattr(self.config, "_attn_implementation", None) or "eager"
         # Where each part runs, read once (placement does not change after loading; a per-call look-up would
         # cost every decoding step a walk over the modules).
+        for layer in self.layers:
+            check_hooks(layer)
         self.layer_devices = [module_device(layer) for layer in self.layers]
         self.input_device = module_device(self.decoder.embed_tokens)
         self.rotary_device = module_device(self.decoder.rotary_emb)
