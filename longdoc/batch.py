@@ -426,6 +426,7 @@ def run(
     (a new line for the id follows the old one: the last line of an id is its answer).
     """
     started = time.perf_counter()
+    check_device_map(device_map)  # fails now, not in every worker
     mode = choose_runner(runner, workers, gpus_per_worker, ray_address)
     job_list = read_jobs(jobs)
     settings = Settings(
@@ -433,7 +434,6 @@ def run(
         device_map,
     )  # fmt: skip
     parse_method(method, settings.options)  # a bad default method fails now, not in every worker
-    check_device_map(device_map)
     log = AnswerLog(Path(out))
     pending = [job for job in job_list if not log.answered(job.id, retry_failed)]
     summary = Summary(mode, 1, len(job_list), len(job_list) - len(pending), dropped_bytes=log.dropped_bytes)

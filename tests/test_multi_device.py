@@ -13,6 +13,8 @@ across a GPU and host memory, are checked in test_gpu.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_core import CONTEXT, QUESTION
@@ -301,3 +303,19 @@ def test_arch_of_an_unsplit_model_reads_one_device(tiny_model_dirs):
     model, _ = load_model(str(tiny_model_dirs["llama"]), device="cpu")
     arch = Arch(model)
     assert arch.devices == [CPU] and not arch.split and not arch.offloaded and arch.device == CPU
+
+
+def test_integrations_pass_a_device_map_through():
+    from longdoc.integrations.common import LoadOptions
+
+    model = str(Path(__file__).resolve().parents[1] / "examples" / "models" / "needle-tiny")
+    assert LoadOptions(model, device_map={"": "cpu"}).placement() == ("auto", {"": "cpu"})
+    assert LoadOptions(model, device_map="auto").placement() == ("auto", "auto")
+    assert LoadOptions(model, device_map="cpu").placement() == ("cpu", None)  # one device: the HF wrappers' way
+    same = LoadOptions(model, device_map={"lm_head": "cpu", "": "cpu"}), LoadOptions(model, device_map={"": "cpu"})
+    assert (
+        same[0].key() != same[1].key()
+        and same[0].key() == LoadOptions(model, device_map=dict(same[0].device_map)).key()
+    )
+    with pytest.raises(LongDocError, match="device_map='balanced' is not supported"):
+        LoadOptions(model, device_map="balanced").placement()
