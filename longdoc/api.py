@@ -127,8 +127,13 @@ class LongDoc:
         if store is None:
             devices = list(dict.fromkeys(self.arch.layer_devices))  # where a reading's layers are held
             device_bytes, host_bytes = default_budgets(devices, weight_bytes(model))
-            if readings_on_host and "cpu" not in device_bytes:  # GPU memory for the model; readings stream in
-                device_bytes, host_bytes = dict.fromkeys(device_bytes, 0), host_bytes + sum(device_bytes.values())
+            if readings_on_host:  # GPU memory for the model; readings stream in from host memory
+                freed = sum(n for where, n in device_bytes.items() if where != "cpu")
+                device_bytes = {where: n if where == "cpu" else 0 for where, n in device_bytes.items()}
+                if "cpu" in device_bytes:  # some layers compute in host memory: readings share its budget
+                    device_bytes["cpu"] += freed
+                else:
+                    host_bytes += freed
             store = ReadingStore(device_bytes, host_bytes)
         self.store = store
 

@@ -174,6 +174,14 @@ class ReadingStore:
         held = reading.nbytes_by_device()
         return bool(held) and all(self.budget_of(d) is None for d in held)
 
+    def _room_on_host(self, reading: ReadingCache) -> bool:
+        """Whether host memory has room for the whole reading: its own budget, or the "cpu" device's when some of
+        the model's layers compute there."""
+        if "cpu" not in self.device_bytes:
+            return reading.nbytes <= self.host_bytes
+        there = reading.nbytes_by_device().get("cpu", 0)
+        return self.used("cpu") - there + reading.nbytes <= self.device_bytes["cpu"]
+
     def _over(self) -> list[str]:
         return [budget for budget, limit in self.device_bytes.items() if self.used(budget) > limit]
 
@@ -183,9 +191,10 @@ class ReadingStore:
             if not over:
                 break
             reading = self.entries[key]
-            if reading.in_use or not any(self.budget_of(d) in over for d in reading.nbytes_by_device()):
+            held = reading.nbytes_by_device()
+            if reading.in_use or not any(self.budget_of(d) in over for d in held):
                 continue
-            if reading.nbytes <= self.host_bytes and "cpu" not in self.device_bytes:
+            if any(d != "cpu" for d in held) and self._room_on_host(reading):
                 reading.to("cpu")
             else:
                 del self.entries[key]

@@ -207,9 +207,9 @@ def test_the_store_keeps_a_budget_per_device():
         0,
     )
     assert store.fits({"cpu": layer, "meta": 10 * layer}) and not store.fits({"cpu": layer, "meta": 11 * layer})
-    tight = ReadingStore({"cpu": 10 * layer, "meta": layer // 2}, host_bytes=0)
+    tight = ReadingStore({"cpu": layer, "meta": layer // 2}, host_bytes=0)
     tight.add(ReadingCache(Full(), [1, 2, 3, 4], cache))
-    assert not tight.entries  # over one device's budget and nowhere else to go: dropped
+    assert not tight.entries  # over one device's budget, and host memory (a device here) has no room: dropped
     legacy = ReadingStore(10 * layer, 0, "cpu")  # one number: that budget on the one device type
     assert legacy.device_bytes == {"cpu": 10 * layer}
 
