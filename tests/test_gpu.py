@@ -258,7 +258,8 @@ def test_multi_device_follow_ups_equal_one_shot_answers_with_readings_on_the_dev
             doc = LongDoc(model.model, model.tokenizer, method, readings_on_host=on_host, **options)
             reading = doc.read(CONTEXT)
             for question in QUESTIONS[:2]:
-                fresh = cuda_doc(path, method, **options)
+                one = single_gpu(path)
+                fresh = LongDoc(one.model, one.tokenizer, method, **options)  # its own empty store: a one-shot answer
                 answer = reading.ask(question, max_new_tokens=12)
                 assert answer.text == fresh.ask(CONTEXT, question, max_new_tokens=12).text
                 assert answer.stats.reading == "reused"
