@@ -18,7 +18,7 @@ from longdoc import LongDocError
 
 from .bench import bench_app
 from .console import StageStatus, err, fail, out, progress_bar
-from .options import command_options, in_flags, parse_options
+from .options import command_options, in_flags, parse_device_map, parse_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ask a local LLM about a whole document.")
 app.add_typer(bench_app, name="bench")
@@ -46,6 +46,12 @@ MethodOptions = Annotated[
 ]
 MaxNewTokens = Annotated[int, typer.Option(help="Most tokens to generate.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+DEVICE_MAP_HELP = (
+    "Spread a model too large for one GPU: auto (accelerate balances its layers over the GPUs), or a JSON object "
+    'of module name -> device, e.g. \'{"model.layers.40": 1, "": 0}\' ("cpu": weights in host memory, run on a '
+    "GPU). Default none: the model on --device (with --device auto, one GPU when it fits, else auto)."
+)
+DeviceMap = Annotated[str | None, typer.Option("--device-map", help=DEVICE_MAP_HELP, show_default=False)]
 Dtype = Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")]
 Password = Annotated[str | None, typer.Option(help="Password of an encrypted PDF.")]
 AsJson = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
@@ -77,6 +83,7 @@ def ask(
     option: MethodOptions = None,
     max_new_tokens: MaxNewTokens = 256,
     device: Device = "auto",
+    device_map: DeviceMap = None,
     dtype: Dtype = "auto",
     password: Password = None,
     cache: Cache = None,
@@ -96,8 +103,9 @@ def ask(
             method, option, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
         )
         request = AskRequest(
-            files, model, method, options, max_new_tokens, device, dtype, password, trust_remote_code, strict
-        )
+            files, model, method, options, max_new_tokens, device, dtype, password, trust_remote_code, strict,
+            device_map=parse_device_map(device_map),
+        )  # fmt: skip
         output = Output(as_json, evidence, quiet)
         document, reading = open_reading(request, cache, quiet)
         for text in questions:
@@ -134,6 +142,7 @@ class AskRequest:
     password: str | None
     trust_remote_code: bool = False
     strict: bool = False
+    device_map: str | dict | None = None
 
 
 @dataclass
@@ -162,6 +171,7 @@ def load_engine(request: AskRequest, quiet: bool):
             request.model,
             method=request.method,
             device=request.device,
+            device_map=request.device_map,
             dtype=request.dtype,
             trust_remote_code=request.trust_remote_code,
             **request.options,
@@ -310,6 +320,7 @@ def chat(
     option: MethodOptions = None,
     max_new_tokens: MaxNewTokens = 256,
     device: Device = "auto",
+    device_map: DeviceMap = None,
     dtype: Dtype = "auto",
     password: Password = None,
     cache: Cache = None,
@@ -328,7 +339,10 @@ def chat(
         options = command_options(
             method, option, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
         )
-        request = AskRequest(files, model, method, options, max_new_tokens, device, dtype, password, trust_remote_code)
+        request = AskRequest(
+            files, model, method, options, max_new_tokens, device, dtype, password, trust_remote_code,
+            device_map=parse_device_map(device_map),
+        )  # fmt: skip
         document, reading = open_reading(request, cache, quiet)
     except LongDocError as exc:
         fail(in_flags(str(exc)))
@@ -386,6 +400,7 @@ def batch(
     option: MethodOptions = None,
     max_new_tokens: MaxNewTokens = 256,
     device: Device = "auto",
+    device_map: DeviceMap = None,
     dtype: Dtype = "auto",
     password: Password = None,
     runner: Runner = "auto",
@@ -406,6 +421,7 @@ def batch(
         options = command_options(
             method, option, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
         )
+        placement = parse_device_map(device_map)
         quiet_transformers()
         with progress_bar(quiet) as bar:
             task = bar.add_task("batch", total=None)
@@ -421,6 +437,7 @@ def batch(
                 method=method,
                 options=options,
                 device=device,
+                device_map=placement,
                 dtype=dtype,
                 max_new_tokens=max_new_tokens,
                 password=password,

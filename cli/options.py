@@ -6,6 +6,7 @@ Values stay strings here: `longdoc.parse_method` converts each by its field's de
 
 from __future__ import annotations
 
+import json
 import re
 
 from longdoc.errors import LongDocError
@@ -33,6 +34,8 @@ IN_FLAGS = [
     (r"\bsmaller window length\b", "smaller --length"),
     (r"\bpoint model at\b", "point --model at"),
     (r'\buse device "cpu"', "use --device cpu"),
+    (r"\bgive device or device_map\b", "give --device or --device-map"),
+    (r"\bdevice_map\b", "--device-map"),
     (r"\brunner '(\w+)'", r"--runner \1"),
     (r"\bworkers=(\d+)", r"--workers \1"),
     (r"\bgpus_per_worker=", "--gpus-per-worker "),
@@ -119,3 +122,25 @@ def per_method_options(methods: list[str], pairs: list[str], top_k: int | None =
         if not used:
             raise LongDocError(f"-o {key}: no benchmarked method has an option '{field_name}'")
     return result
+
+
+DEVICE_MAP_EXAMPLE = '\'{"model.embed_tokens": 0, "model.layers.0": 0, "": 1}\''
+
+
+def parse_device_map(text: str | None) -> str | dict | None:
+    """--device-map: "auto", "none" (None: the model on --device) or a JSON object of module name -> device."""
+    if text is None or text.strip().lower() == "none":
+        return None
+    if text.strip() == "auto":
+        return "auto"
+    if text.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LongDocError(f"--device-map is not valid JSON ({exc.msg} at character {exc.pos})") from None
+        if isinstance(mapping, dict):
+            return mapping
+    raise LongDocError(
+        f"--device-map takes auto, none or a JSON object of module name -> device such as {DEVICE_MAP_EXAMPLE}; "
+        f"got '{text}'"
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from longdoc.documents import Document, from_parts
 from longdoc.evidence import quote_of
 from longdoc.hub import resolve_source
 from longdoc.methods import Method, parse_method
-from longdoc.model import DTYPES, load_model, resolve_device, resolve_dtype
+from longdoc.model import DTYPES, check_device_map, load_model, resolve_device, resolve_dtype, uses_gpu
 
 LONG_CONTEXT = 1 << 20  # homer and rag read past the trained window; memory, not positions, is the limit
 
@@ -41,31 +42,36 @@ class LoadOptions:
     dtype: str | torch.dtype = "auto"
     attn_implementation: str | None = None
     trust_remote_code: bool = False
-    device_map: str | None = None
+    device_map: Any = None  # None, one device ("cpu", "cuda:1"), "auto", or a dict of module name -> device
     quantization_config: Any = None
 
     def key(self) -> tuple:
-        device = resolve_device(self.device_from_map())
+        device, device_map = self.placement()
+        mapped = check_device_map(device_map)
+        device = resolve_device(device) if mapped is None else ("cuda" if uses_gpu(mapped) else "cpu")
         source, _ = resolve_source(self.model)
         local = Path(source).expanduser()
         where = str(local.resolve()) if local.exists() else source
-        return (where, device, resolve_dtype(self.dtype, device), self.attn_implementation,
+        placed = json.dumps(mapped, sort_keys=True)  # a dict is not hashable; equal maps share one model
+        return (where, device, placed, resolve_dtype(self.dtype, device), self.attn_implementation,
                 self.trust_remote_code, repr(self.quantization_config))  # fmt: skip
 
-    def device_from_map(self) -> str:
-        """device_map as the HF wrappers take it: None / "auto" / one device; a per-layer map is issue #22's."""
+    def placement(self) -> tuple[str, str | dict | None]:
+        """(device, device_map) for `load_model`, from device_map as the HF wrappers take it: None keeps `device`,
+        one device ("cpu", "cuda", "cuda:N") is that device, and "auto" or a dict of module name -> device
+        spreads the model over several (longdoc checks the dict)."""
         if self.device_map is None:
-            return self.device
-        if (
-            isinstance(self.device_map, str)
-            and self.device_map in ("auto", "cpu")
-            or str(self.device_map).startswith("cuda")
-        ):
-            return str(self.device_map)
-        raise LongDocError(
-            f"device_map={self.device_map!r} is not supported: longdoc runs a model on one device; use device_map "
-            "'auto', 'cpu', 'cuda' or 'cuda:N' (or device=...)"
-        )
+            return self.device, None
+        if isinstance(self.device_map, str) and self.device_map != "auto":
+            if self.device_map != "cpu" and not self.device_map.startswith("cuda"):
+                raise LongDocError(
+                    f'device_map={self.device_map!r} is not supported; use "auto", a dict of module name -> '
+                    "device, or one device: 'cpu', 'cuda', 'cuda:N' (or device=...)"
+                )
+            return self.device_map, None
+        if self.device != "auto":
+            raise LongDocError(f"give device or device_map, not both (got device={self.device!r})")
+        return "auto", self.device_map
 
 
 def load_options(model: str, fields: dict, model_kwargs: dict | None) -> LoadOptions:
@@ -78,15 +84,18 @@ def load_options(model: str, fields: dict, model_kwargs: dict | None) -> LoadOpt
         if key in options and options[key] != value and not (key == "device" and value is None):
             raise LongDocError(f"{key} is given twice ({options[key]!r} and model_kwargs {value!r}); give it once")
         options[key] = value
+    loaded = LoadOptions(model=model, **options)
     if options.get("quantization_config") is not None:
-        check_quantization(options.get("device_map") or options.get("device", "auto"))
-    return LoadOptions(model=model, **options)
+        check_quantization(*loaded.placement())
+    return loaded
 
 
-def check_quantization(device: str) -> None:
+def check_quantization(device: str, device_map: str | dict | None = None) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise LongDocError("quantization_config needs bitsandbytes: pip install bitsandbytes (and a CUDA GPU)")
-    if resolve_device(str(device)) == "cpu":
+    mapped = check_device_map(device_map)
+    on_gpu = uses_gpu(mapped) if mapped is not None else resolve_device(str(device)) != "cpu"
+    if not on_gpu:
         raise LongDocError("quantization_config needs a CUDA GPU (bitsandbytes); use device='cuda' or drop it")
 
 
@@ -100,13 +109,15 @@ def shared_model(options: LoadOptions) -> LongDoc:
     if found is None:
         if isinstance(options.dtype, str) and options.dtype not in DTYPES:
             raise LongDocError(f"unknown dtype '{options.dtype}'; use one of {', '.join(DTYPES)} or a torch.dtype")
+        device, device_map = options.placement()
         model, tokenizer = load_model(
             options.model,
-            options.device_from_map(),
+            device,
             options.dtype,
             options.attn_implementation,
             options.trust_remote_code,
             quantization_config=options.quantization_config,
+            device_map=device_map,
         )
         found = LongDoc(model, tokenizer, method="full")
         _SHARED[key] = found

@@ -230,7 +230,7 @@ class ChatLongDoc(_LongDocFields, BaseChatModel):
     generate_kwargs: dict = Field(default_factory=dict, description="max_new_tokens, temperature, top_p, ...")
     system_prompt: str | None = None
     device: str = "auto"
-    device_map: Any = None  # a dict reaches LoadOptions, which says why it is refused
+    device_map: Any = None  # "auto", one device, or a dict of module name -> device (LoadOptions checks)
     dtype: Any = "auto"
     attn_implementation: str | None = None
     trust_remote_code: bool = False
@@ -308,7 +308,7 @@ class LongDocLLM(_LongDocFields, BaseLLM):
     generate_kwargs: dict = Field(default_factory=dict)
     system_prompt: str | None = None
     device: str = "auto"
-    device_map: Any = None  # a dict reaches LoadOptions, which says why it is refused
+    device_map: Any = None  # "auto", one device, or a dict of module name -> device (LoadOptions checks)
     dtype: Any = "auto"
     attn_implementation: str | None = None
     trust_remote_code: bool = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,8 @@ from .quantized import quantized
 from .reading import ROOM, ReadingCache, ReadingStore, default_budgets
 from .reading import load as load_saved
 from .reading import save as save_reading
+
+log = logging.getLogger(__name__)
 
 GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
 
@@ -121,12 +124,19 @@ class LongDoc:
         self.method = parse_method(method, options)
         self.system_prompt = system_prompt
         self.eos_ids = eos_token_ids(model, tokenizer)
+        if self.arch.split:
+            log.info("the model runs on several devices: %s", self.arch.placement())
         if store is None:
-            weights = sum(p.numel() * p.element_size() for p in model.parameters())
-            device_bytes, host_bytes = default_budgets(self.arch.device, weights)
-            if readings_on_host and self.arch.device.type != "cpu":  # GPU memory for the model; readings stream in
-                device_bytes, host_bytes = 0, host_bytes + device_bytes
-            store = ReadingStore(device_bytes, host_bytes, self.arch.device.type)
+            devices = list(dict.fromkeys(self.arch.layer_devices))  # where a reading's layers are held
+            device_bytes, host_bytes = default_budgets(devices, weight_bytes(model))
+            if readings_on_host:  # GPU memory for the model; readings stream in from host memory
+                freed = sum(n for where, n in device_bytes.items() if where != "cpu")
+                device_bytes = {where: n if where == "cpu" else 0 for where, n in device_bytes.items()}
+                if "cpu" in device_bytes:  # some layers compute in host memory: readings share its budget
+                    device_bytes["cpu"] += freed
+                else:
+                    host_bytes += freed
+            store = ReadingStore(device_bytes, host_bytes)
         self.store = store
 
     @classmethod
@@ -136,6 +146,7 @@ class LongDoc:
         method: Method | str = "auto",
         *,
         device: str = "auto",
+        device_map: str | dict | None = None,
         dtype: str = "auto",
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
@@ -147,6 +158,12 @@ class LongDoc:
         """Load a hub id or a local folder (safetensors only). `method` is a Method object (or a name + options);
         a name gets the model's profile (`longdoc tune`) under the options given.
 
+        `device_map` spreads a model too large for one GPU over several: "auto" (accelerate balances the layers
+        over the visible GPUs, then host memory) or a dict of module name -> device (0, "cuda:1", "cpu": weights
+        kept in host memory and brought to the GPU as each layer runs). None (the default) puts the model on
+        `device`; with device "auto" or "cuda", on one GPU when its weights fit, else as "auto" does.
+        Every method runs on a split model with the same results; decoding is then eager (not graph-captured).
+
         `readings_on_host` keeps readings in pinned host memory (GPU memory for the model and one question);
         a question then brings the reading's layers over as it uses them.
         `compile_decode` fuses the captured decode step with torch.compile on a GPU: faster tokens (H200, 8B:
@@ -154,7 +171,9 @@ class LongDoc:
         """
         profile = load_profile(model)
         parse_method(method, configure(method, method_options, profile)[0])  # fail on bad options before loading
-        loaded, tokenizer = load_model(model, device, dtype, attn_implementation, trust_remote_code)
+        loaded, tokenizer = load_model(
+            model, device, dtype, attn_implementation, trust_remote_code, device_map=device_map
+        )
         return cls(
             loaded,
             tokenizer,
@@ -275,7 +294,8 @@ class LongDoc:
             document = as_document(source)
         if isinstance(method, Auto):  # saved as the method auto picked for this document (see read)
             method = method.pick(self.arch, len(self.layout(document.text, "?")))
-        cache = load_saved(Path(folder), self.facts(method, document), method, self.arch.num_layers, self.arch.device)
+        facts = self.facts(method, document)
+        cache = load_saved(Path(folder), facts, method, self.arch.num_layers, self.arch.layer_devices)
         self.store.add(cache)
         return Reading(self, method, document, cache)
 
@@ -324,11 +344,11 @@ class LongDoc:
             method, notes = Full(), ["no context: plain prefill of the question"]
         self._check_window(method, len(layout))
         head = layout.token_ids()[: layout.reading_len]
-        with Measure(self.arch.device) as measure:
+        with Measure(self.arch.devices) as measure:
             try:
                 reuse = method.reusable and use_store
                 cache, how = self._reading_for(method, head, progress) if reuse else (None, "none")
-                lease = cache.lease(self.arch.device) if cache is not None else None
+                lease = cache.lease(self.arch.layer_devices) if cache is not None else None
                 try:
                     prefill = method.prefill(self.arch, layout, progress, reading=lease)
                     if method.kv_bits is not None:
@@ -369,12 +389,12 @@ class LongDoc:
         found = self.store.find(method, head)
         if found is not None:  # one held in host memory stays there: its lease streams layers to the GPU
             return found, "reused"
-        if not keep and not self.store.fits(self.reading_bytes(method, len(head))):
+        if not keep and not self.store.fits(self.reading_bytes_by_device(method, len(head))):
             return None, "none"  # too large to keep: the method's own one-pass prefill, same result
         start = time.perf_counter()
         base = self.store.longest_prefix(method, head)
         if base is not None:  # extend a copy of an earlier reading of the first tokens: equal up to rounding
-            cache = base.cache.to(self.arch.device, room=len(head) - base.length + ROOM)
+            cache = base.cache.to(self.arch.layer_devices, room=len(head) - base.length + ROOM)
             ids = torch.tensor([head[base.length :]], device=self.arch.device)
             method.extend(self.arch, cache, ids, progress)
         else:
@@ -387,10 +407,18 @@ class LongDoc:
 
     def reading_bytes(self, method: Method, tokens: int) -> int:
         """Keys and values a reading of `tokens` tokens would hold (gemfilter's last layer holds keys only)."""
+        return sum(self.reading_bytes_by_device(method, tokens).values())
+
+    def reading_bytes_by_device(self, method: Method, tokens: int) -> dict[str, int]:
+        """The same by device: each layer's keys and values are held where the layer runs."""
         layers = method.reading_layers(self.arch)
         per_layer = tokens * self.arch.num_kv_heads * self.arch.head_dim * self.arch.dtype.itemsize
         full_layers = layers if isinstance(method, Full) else layers - 1
-        return per_layer * (2 * full_layers + (layers - full_layers))
+        by_device: dict[str, int] = {}
+        for i in range(layers):
+            where = str(self.arch.layer_devices[i])
+            by_device[where] = by_device.get(where, 0) + per_layer * (2 if i < full_layers else 1)
+        return by_device
 
     def _decode(self, prefill: Prefill, config: GenerationConfig, stats: Stats) -> Iterator[str]:
         start = time.perf_counter()
@@ -505,6 +533,16 @@ def as_document(source) -> Document:
             return source[0] if len(source) == 1 else join_documents(list(source))
         return load_documents([str(s) for s in source])
     raise LongDocError("read() takes text, a Document, a path, or a list of paths or Documents")
+
+
+def weight_bytes(model) -> dict[str, int]:
+    """Bytes of the model's weights on each device; weights offloaded to host memory (meta here) are not counted."""
+    by_device: dict[str, int] = {}
+    for param in model.parameters():
+        if param.device.type != "meta":
+            where = str(param.device)
+            by_device[where] = by_device.get(where, 0) + param.numel() * param.element_size()
+    return by_device
 
 
 def model_fingerprint(model) -> str:

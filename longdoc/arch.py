@@ -5,12 +5,18 @@ decoder layers (called as modules, with their own attention implementation), the
 embedding, the final norm and the LM head. Scoring needs the queries and keys exactly as the
 attention sees them (after projections, q/k norms and RoPE); `queries_and_keys` rebuilds them
 per family from the layer's own weights and its module's `apply_rotary_pos_emb`.
+
+A model too large for one GPU is placed by accelerate (`device_map`): each decoder layer runs on its own
+device. `Arch` reads where each module runs once, at load (`module_device`), and `forward` moves the hidden
+states to each layer's device as it goes, and the position embeddings and mask once per device and pass, so
+a layer's keys and values are made, and cached, on that layer's device.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +58,85 @@ def check_supported(config) -> str:
     return FAMILIES[model_type]
 
 
+def as_device(device: torch.device | str | int) -> torch.device:
+    """A torch.device with its index: accelerate names GPUs by number, and "cuda" means the current one."""
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: its accelerate hook's execution device when it has one (the weights of a module
+    offloaded to host memory are meta tensors there, brought over at each call), else its first weight's."""
+    hook = getattr(module, "_hf_hook", None)
+    for one in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
+        device = getattr(one, "execution_device", None)
+        if device is not None:
+            return as_device(device)
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def check_hooks(layer: nn.Module) -> None:
+    """Refuse a layer whose accelerate hook would move the cache argument: it would hand the attention a copy of
+    longdoc's cache at every call, and what the layer appends would be lost (transformers' own dispatch skips it)."""
+    hook = getattr(layer, "_hf_hook", None)
+    for one in getattr(hook, "hooks", (hook,)):
+        if one is None or not hasattr(one, "skip_keys"):
+            continue
+        skipped = [one.skip_keys] if isinstance(one.skip_keys, str) else list(one.skip_keys or ())
+        if "past_key_values" not in skipped:
+            raise LongDocError(
+                'the model\'s layers were dispatched by accelerate without skip_keys="past_key_values", so each '
+                "layer would get a copy of longdoc's cache; load it with device_map=..., or pass "
+                "skip_keys=model._skip_keys_device_placement to dispatch_model"
+            )
+
+
+def offloaded(module: nn.Module) -> bool:
+    """Whether accelerate keeps some of this module's weights off its execution device (host memory or disk)."""
+    return any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in module.modules())
+
+
+@contextmanager
+def weights_at_hand(module: nn.Module) -> Iterator[None]:
+    """Within: `module`'s own weights are real tensors on its execution device, also when accelerate offloaded
+    them (read directly, not through a call, as the fused qkv projection's rows are)."""
+    if getattr(getattr(module, "_hf_hook", None), "offload", False):
+        from accelerate.utils import align_module_device
+
+        with align_module_device(module):
+            yield
+    else:
+        yield
+
+
+def _placed(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(device) for t in tensors)
+
+
+class PerDevice:
+    """Tensors (a pass's position embeddings) copied to each device once, when a layer there first asks.
+
+    On one device nothing is copied; on a split model, once per device and pass, not once per layer.
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.tensors = tensors
+        self.copies: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def __call__(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if device not in self.copies:
+            self.copies[device] = _placed(self.tensors, device)
+        return self.copies[device]
+
+
 @dataclass
 class Arch:
     """A loaded causal LM seen through the parts the prefill methods need."""
@@ -70,11 +155,47 @@ class Arch:
         self.num_kv_heads = getattr(self.config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = first_attn.head_dim
         self.attn_implementation = getattr(self.config, "_attn_implementation", None) or "eager"
+        # Where each part runs, read once (placement does not change after loading; a per-call look-up would
+        # cost every decoding step a walk over the modules).
+        for layer in self.layers:
+            check_hooks(layer)
+        self.layer_devices = [module_device(layer) for layer in self.layers]
+        self.input_device = module_device(self.decoder.embed_tokens)
+        self.rotary_device = module_device(self.decoder.rotary_emb)
+        self.norm_device = module_device(self.decoder.norm)
+        self.head_device = module_device(self.model.lm_head)
 
     # ----- facts about the model -----
     @property
     def device(self) -> torch.device:
-        return self.decoder.embed_tokens.weight.device
+        """Where token ids and positions go in (the embedding's device); each layer's work is on its own."""
+        return self.input_device
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device the model computes on, in the order a pass visits them (embedding, layers, head)."""
+        seen = [self.input_device, *self.layer_devices, self.norm_device, self.head_device]
+        return list(dict.fromkeys(seen))
+
+    @property
+    def split(self) -> bool:
+        """Whether the model's parts run on more than one device (a device_map across GPUs)."""
+        return len(self.devices) > 1
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether accelerate streams some weights in from host memory at each call (a device_map with "cpu")."""
+        return offloaded(self.model)
+
+    def placement(self) -> str:
+        """Which layers run where, for logs and notes: "cuda:0 (layers 0-39), cuda:1 (layers 40-79)"."""
+        spans: list[tuple[torch.device, int, int]] = []
+        for i, device in enumerate(self.layer_devices):
+            if spans and spans[-1][0] == device and spans[-1][2] == i - 1:
+                spans[-1] = (device, spans[-1][1], i)
+            else:
+                spans.append((device, i, i))
+        return ", ".join(f"{d} (layers {a}-{b})" if a != b else f"{d} (layer {a})" for d, a, b in spans)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -105,10 +226,17 @@ class Arch:
 
     # ----- the model's own modules -----
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder.embed_tokens(input_ids)
+        return self.decoder.embed_tokens(input_ids.to(self.input_device))
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decoder.rotary_emb(hidden, position_ids)
+        """(cos, sin) of `position_ids`, on the rotary module's device; `forward` takes them to each layer's.
+
+        The module reads only the dtype and device of `hidden`, so hidden states that a split model left on
+        another device are not copied over for it.
+        """
+        device = self.rotary_device
+        like = hidden if hidden.device == device else hidden[:, :0].to(device)
+        return self.decoder.rotary_emb(like, position_ids.to(device))
 
     def attention_mask(self, q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device):
         """The mask for `q_len` new queries after `kv_len - q_len` cached keys.
@@ -130,6 +258,7 @@ class Arch:
         return mask[None, None]
 
     def run_layer(self, index: int, hidden, position_embeddings, cache=None, mask=None) -> torch.Tensor:
+        """Decoder layer `index` over `hidden`; every tensor given must already be on that layer's device."""
         out = self.layers[index](
             hidden,
             attention_mask=mask,
@@ -153,16 +282,26 @@ class Arch:
         The new rows attend to what `cache` already holds at each layer, causally. `tap(i, layer_input)` is
         called before layer i runs, for passes that need a layer's queries (SnapKV, HOMER, calibration).
         `mask` replaces the causal one (graph decoding hides a static buffer's unwritten slots with it).
+
+        On a split model the hidden states move to each layer's device as the pass reaches it, and the position
+        embeddings and mask once per device for the whole pass, not once per layer. The result is on the last
+        layer's device; `tap` sees each layer's input on that layer's device.
         """
         layers = range(self.num_layers) if layers is None else layers
         if mask is None:
             past = cache.seq_length(layers[0]) if cache is not None else 0
             q_len = hidden.shape[1]
             mask = self.attention_mask(q_len, past + q_len, hidden.dtype, hidden.device)
+        rows = PerDevice(tuple(position_embeddings))
+        masks = PerDevice((mask,)) if mask is not None else None
         for i in layers:
+            device = self.layer_devices[i]
+            if hidden.device != device:
+                hidden = hidden.to(device)
             if tap is not None:
                 tap(i, hidden)
-            hidden = self.run_layer(i, hidden, position_embeddings, cache, mask)
+            layer_mask = masks(device)[0] if masks is not None else None
+            hidden = self.run_layer(i, hidden, rows(device), cache, layer_mask)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -170,11 +309,11 @@ class Arch:
         return self.logits(self.final_norm(hidden[:, -1:]))[:, -1]
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.decoder.norm(hidden)
+        return self.decoder.norm(hidden.to(self.norm_device))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM-head logits in float32 for the given (already normed) hidden states."""
-        return self.model.lm_head(hidden).float()
+        """LM-head logits in float32 for the given (already normed) hidden states, on the head's device."""
+        return self.model.lm_head(hidden.to(self.head_device)).float()
 
     # ----- queries and keys as the attention sees them -----
     def _project(self, index: int, x: torch.Tensor, part: str) -> torch.Tensor:
@@ -184,8 +323,9 @@ class Arch:
         if self.style == "fused":
             q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
             rows = slice(0, q_size) if part == "q" else slice(q_size, q_size + kv_size)
-            bias = attn.qkv_proj.bias
-            out = nn.functional.linear(x, attn.qkv_proj.weight[rows], None if bias is None else bias[rows])
+            with weights_at_hand(attn.qkv_proj):  # only the rows asked for are multiplied
+                bias = attn.qkv_proj.bias
+                out = nn.functional.linear(x, attn.qkv_proj.weight[rows], None if bias is None else bias[rows])
         else:
             out = (attn.q_proj if part == "q" else attn.k_proj)(x)
         out = out.view(*x.shape[:-1], -1, d)
@@ -197,15 +337,18 @@ class Arch:
         """Queries of decoder layer `index` for the given rows of its input, after norms and RoPE.
 
         `layer_input` is the hidden state entering the layer (before its input norm) and
-        `position_embeddings` the (cos, sin) of the same rows.
+        `position_embeddings` the (cos, sin) of the same rows; both are taken to the layer's device, where
+        the result is.
         """
-        q = self._project(index, self.layers[index].input_layernorm(layer_input), "q")
-        cos, sin = position_embeddings
+        device = self.layer_devices[index]
+        q = self._project(index, self.layers[index].input_layernorm(layer_input.to(device)), "q")
+        cos, sin = _placed(position_embeddings, device)
         # apply_rotary_pos_emb rotates a pair; the unused member is a one-head slice to save work.
         return self._apply_rope(q, q[:, :1], cos, sin)[0]
 
     def keys(self, index: int, layer_input: torch.Tensor, position_embeddings) -> torch.Tensor:
-        """Keys of decoder layer `index` for every row of its input, after norms and RoPE."""
-        k = self._project(index, self.layers[index].input_layernorm(layer_input), "k")
-        cos, sin = position_embeddings
+        """Keys of decoder layer `index` for every row of its input, after norms and RoPE, on its device."""
+        device = self.layer_devices[index]
+        k = self._project(index, self.layers[index].input_layernorm(layer_input.to(device)), "k")
+        cos, sin = _placed(position_embeddings, device)
         return self._apply_rope(k[:, :1], k, cos, sin)[1]

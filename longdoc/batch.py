@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import LongDocError
 from .methods import Method, parse_method
+from .model import check_device_map
 
 INSTALL_HINT = "pip install 'longdoc[batch]'"
 RUNNERS = ("auto", "ray", "local")
@@ -55,6 +56,7 @@ class Settings:
     max_new_tokens: int = 256
     password: str | None = None
     trust_remote_code: bool = False
+    device_map: str | dict | None = None  # "auto" or a dict: each worker spreads its model over its GPUs
 
 
 @dataclass
@@ -255,8 +257,9 @@ class Answerer:
 
         self.settings = s = settings
         self.engine = LongDoc.from_pretrained(
-            s.model, s.method, device=s.device, dtype=s.dtype, trust_remote_code=s.trust_remote_code, **s.options
-        )
+            s.model, s.method, device=s.device, device_map=s.device_map, dtype=s.dtype,
+            trust_remote_code=s.trust_remote_code, **s.options,
+        )  # fmt: skip
 
     def answer(self, job: Job) -> dict:
         """Read the document once, answer every question from that reading; a LongDocError is the line's error."""
@@ -403,6 +406,7 @@ def run(
     method: str | Method = "auto",
     options: dict | None = None,
     device: str = "auto",
+    device_map: str | dict | None = None,
     dtype: str = "auto",
     max_new_tokens: int = 256,
     password: str | None = None,
@@ -417,15 +421,18 @@ def run(
     """Answer every job not yet in `out`, appending one line per job; returns the run's summary.
 
     runner: "ray" (Ray Data actor pool), "local" (this process, one worker) or "auto" (ray when installed).
+    `device_map` ("auto" or a dict of module name -> device) spreads each worker's model over the GPUs it holds.
     Ids already in `out` are skipped; with `retry_failed`, those whose last line is an error are answered again
     (a new line for the id follows the old one: the last line of an id is its answer).
     """
     started = time.perf_counter()
+    check_device_map(device_map)  # fails now, not in every worker
     mode = choose_runner(runner, workers, gpus_per_worker, ray_address)
     job_list = read_jobs(jobs)
     settings = Settings(
-        _model_path(model), method, dict(options or {}), device, dtype, max_new_tokens, password, trust_remote_code
-    )
+        _model_path(model), method, dict(options or {}), device, dtype, max_new_tokens, password, trust_remote_code,
+        device_map,
+    )  # fmt: skip
     parse_method(method, settings.options)  # a bad default method fails now, not in every worker
     log = AnswerLog(Path(out))
     pending = [job for job in job_list if not log.answered(job.id, retry_failed)]

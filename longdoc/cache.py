@@ -5,11 +5,29 @@ over what it returns. This class answers that call with preallocated buffers (de
 without re-copying the whole cache) and adds what the prefill methods need: keeping a subset
 of positions in every layer (GemFilter's, HOMER's and SnapKV's pruning), freeing a layer, and
 forking a reading's cache for one question without copying it.
+
+Each layer's keys and values live on the device its attention ran on: on a model split over several
+GPUs (a device_map) the layers of one cache are on several devices, and a move (`to`) takes a device
+per layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+Devices = torch.device | str | Sequence[torch.device | str]  # one device for every layer, or one per layer
+
+
+def per_layer(devices: Devices, num_layers: int) -> list[torch.device | str]:
+    """One device for each of `num_layers` layers, from a single device or a per-layer list."""
+    if isinstance(devices, (torch.device, str)):
+        return [devices] * num_layers
+    devices = list(devices)
+    if len(devices) != num_layers:
+        raise ValueError(f"{len(devices)} devices given for {num_layers} layers")
+    return devices
 
 
 class KVCache:
@@ -100,30 +118,42 @@ class KVCache:
         forked.keys, forked.values, forked.lengths = list(self.keys), list(self.values), list(self.lengths)
         return forked
 
-    def to(self, device: torch.device | str, room: int = 0) -> KVCache:
-        """A copy with every filled layer (only its used length) on `device`, with `room` spare rows per layer.
+    def to(self, device: Devices, room: int = 0) -> KVCache:
+        """A copy with every filled layer (only its used length) on `device` (one for all, or one per layer, as
+        a split model's `Arch.layer_devices`), with `room` spare rows per layer.
 
         Each layer is copied once, straight into a buffer that already has the room to grow.
         """
+        devices = per_layer(device, self.num_layers)
         moved = KVCache(self.num_layers)
         for i in range(self.num_layers):
             if self.keys[i] is not None:
                 keys, values = self.layer(i)
                 length = keys.shape[-2]
                 for buffers, source in ((moved.keys, keys), (moved.values, values)):
-                    buffers[i] = source.new_empty((*source.shape[:-2], length + room, source.shape[-1]), device=device)
+                    shape = (*source.shape[:-2], length + room, source.shape[-1])
+                    buffers[i] = source.new_empty(shape, device=devices[i])
                     buffers[i][..., :length, :].copy_(source)
                 moved.lengths[i] = length
         return moved
 
+    def devices(self) -> list[torch.device | None]:
+        """The device of each layer's keys (None for a layer that holds none)."""
+        return [keys.device if keys is not None else None for keys in self.keys]
+
     def nbytes(self) -> int:
         """Bytes of the rows in use (not of spare capacity)."""
-        total = 0
+        return sum(self.nbytes_by_device().values())
+
+    def nbytes_by_device(self) -> dict[str, int]:
+        """Bytes of the rows in use on each device ("cuda:0", "cpu"), for budgets kept per device."""
+        totals: dict[str, int] = {}
         for i in range(self.num_layers):
             if self.keys[i] is not None:
                 keys, values = self.layer(i)
-                total += (keys.numel() + values.numel()) * keys.element_size()
-        return total
+                where = str(keys.device)
+                totals[where] = totals.get(where, 0) + (keys.numel() + values.numel()) * keys.element_size()
+        return totals
 
 
 def _grow(buffer: torch.Tensor | None, length: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
@@ -137,14 +167,15 @@ def _grow(buffer: torch.Tensor | None, length: int, capacity: int, like: torch.T
 class HostBackedCache(KVCache):
     """A reading's cache held in (pinned) host memory, brought to the GPU one layer at a time as a question uses it.
 
-    A layer is copied when first touched (`update` or `layer`), with room for the question's rows; a layer the
-    question is done with can be freed. GemFilter's question pass frees each layer after it, so about one layer
-    of the reading is on the GPU at a time; full's decoding needs every layer, so all of them come over.
+    A layer is copied when first touched (`update` or `layer`), with room for the question's rows, to that layer's
+    device (`device`: one for all layers, or one per layer on a split model); a layer the question is done with can
+    be freed. GemFilter's question pass frees each layer after it, so about one layer of the reading is on a GPU at
+    a time; full's decoding needs every layer, so all of them come over.
     """
 
-    def __init__(self, host: KVCache, device: torch.device, room: int) -> None:
+    def __init__(self, host: KVCache, device: Devices, room: int) -> None:
         super().__init__(host.num_layers)
-        self.host, self.device, self.room = host, device, room
+        self.host, self.devices_to, self.room = host, per_layer(device, host.num_layers), room
         self.lengths = list(host.lengths)
         self.fetched = [host.keys[i] is None for i in range(host.num_layers)]
 
@@ -156,7 +187,7 @@ class HostBackedCache(KVCache):
         length = keys.shape[-2]
         for name, source in (("keys", keys), ("values", values)):
             buffer = torch.empty((*source.shape[:-2], length + self.room, source.shape[-1]), dtype=source.dtype,
-                                 device=self.device)  # fmt: skip
+                                 device=self.devices_to[layer_idx])  # fmt: skip
             buffer[..., :length, :].copy_(source, non_blocking=True)  # pinned memory: no host stall
             getattr(self, name)[layer_idx] = buffer
 

@@ -40,7 +40,8 @@ def measure(arch: Arch, windows: list[list[int]], progress: ProgressHook = no_pr
         tap = partial(_last_query, arch, queries, rows)
         arch.forward(hidden, position_embeddings, cache, tap=tap)
         for i, query in enumerate(queries):
-            total[i] += last_token_logits(query, cache.layer(i)[0]).flip(0)  # index = distance from the last token
+            scores = last_token_logits(query, cache.layer(i)[0])  # on layer i's device
+            total[i] += scores.flip(0).to(total.device)  # index = distance from the last token
         progress("calibrate", done, len(windows))
     return (total / len(windows)).cpu()
 

@@ -92,6 +92,10 @@ def _buffer_with(filled: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 def unsupported_reason(arch: Arch, cache: KVCache) -> str | None:
     """Why graph decoding cannot run on this model and cache, or None when it can."""
+    if arch.split:  # a graph is captured on one device's stream; the eager loop crosses devices as it goes
+        return f"the model's layers run on several devices ({arch.placement()})"
+    if arch.offloaded:  # the weights a capture saw would be freed after it, and read again at every replay
+        return "some weights are offloaded to host memory and brought in at each step, which a graph cannot capture"
     if not isinstance(cache, KVCache):
         return f"a {type(cache).__name__} is dequantized layer by layer, which the graph does not capture"
     if arch.attn_implementation not in MASKED_ATTENTION:

@@ -7,7 +7,8 @@ bits, four at 2). The last RESIDUAL to RESIDUAL + GROUP - 1 tokens stay in full 
 appends, the oldest GROUP of them are quantized together (a key group needs GROUP tokens).
 
 The attention asks one layer at a time (`update`): that layer is dequantized into one scratch buffer
-that every layer shares, so full precision is held for one layer, never for the whole cache.
+that every layer shares, so full precision is held for one layer, never for the whole cache (one
+scratch per device on a model split over several GPUs: each layer's codes stay on its own device).
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ class QuantizedLayer:
 class QuantizedCache:
     """A decoding cache of `QuantizedLayer`s with `KVCache`'s `update(keys, values, layer_idx)`.
 
-    `update` appends and returns the whole layer dequantized into a scratch buffer shared by all layers;
-    what it returns is valid until the next layer's `update`, which is how the attention uses it.
+    `update` appends and returns the whole layer dequantized into a scratch buffer shared by all layers on its
+    device; what it returns is valid until the next layer's `update`, which is how the attention uses it.
     """
 
     def __init__(self, cache: KVCache, bits: int) -> None:
@@ -145,7 +146,7 @@ class QuantizedCache:
             if cache.keys[i] is not None:
                 self.layers[i] = QuantizedLayer(*cache.layer(i), bits)
         self.capacity = 0
-        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # one per device
 
     @property
     def num_layers(self) -> int:
@@ -162,14 +163,15 @@ class QuantizedCache:
         return keys[..., : layer.length, :], values[..., : layer.length, :]
 
     def _buffers(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shared scratch, grown by a quarter when a layer outgrows it."""
-        if self._scratch is None or self._scratch[0].shape[-2] < length or self._scratch[0].shape[:2] != keys.shape[:2]:
+        """The scratch shared by the layers on this device, grown by a quarter when a layer outgrows it."""
+        scratch = self._scratch.get(keys.device)
+        if scratch is None or scratch[0].shape[-2] < length or scratch[0].shape[:2] != keys.shape[:2]:
             rows = max(length, length + length // 4)
-            self._scratch = (
+            scratch = self._scratch[keys.device] = (
                 keys.new_empty((*keys.shape[:-2], rows, keys.shape[-1])),
                 values.new_empty((*values.shape[:-2], rows, values.shape[-1])),
             )
-        return self._scratch
+        return scratch
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's keys and values dequantized into new tensors (for inspection, not decoding)."""

@@ -9,8 +9,9 @@ for token. Methods whose reduction depends on the question (homer, snapkv, strea
 the tokens and recompute per question, and say so.
 
 The store keeps recent readings by (method settings, token ids), within a memory budget: on the
-model's device first, then in host memory, least recently used evicted. Every entry point (Python,
-CLI, LangChain, LlamaIndex) goes through it, so repeating a document reuses its reading unchanged.
+model's devices first (a budget per device: a model split over GPUs keeps each layer's part of a
+reading on that layer's GPU), then in host memory, least recently used evicted. Every entry point
+(Python, CLI, LangChain, LlamaIndex) goes through it, so repeating a document reuses its reading unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import HostBackedCache, KVCache
+from .cache import Devices, HostBackedCache, KVCache, per_layer
 from .errors import LongDocError
 from .methods import Method
 
@@ -62,22 +63,30 @@ class ReadingCache:
 
     @property
     def device(self) -> str:
+        """Where the reading is held: "cuda", "cpu" or "none" (the first layer's; a split model's are all GPUs)."""
         if self.cache is None or not self.cache.filled(0):
             return "none"
         return self.cache.layer(0)[0].device.type
 
+    def nbytes_by_device(self) -> dict[str, int]:
+        return self.cache.nbytes_by_device() if self.cache is not None else {}
+
     def matches(self, ids: list[int]) -> bool:
         return len(ids) >= self.length and ids[: self.length] == self.ids
 
-    def lease(self, device: torch.device) -> KVCache | None:
-        """A cache one question may append to. The first lease shares the buffers; one taken while another is
-        out (an unfinished stream) is a copy, so two questions never write the same rows."""
+    def lease(self, device: Devices) -> KVCache | None:
+        """A cache one question may append to, each layer on `device` (one for all, or the model's device per
+        layer). The first lease shares the buffers; one taken while another is out (an unfinished stream) is a
+        copy, so two questions never write the same rows."""
         if self.cache is None:
             return None
-        if self.device == "cpu" and device.type != "cpu":  # held in host memory: layers come over as used
-            return HostBackedCache(self.cache, device, ROOM)
-        if self.in_use or self.device != device.type:
-            return self.cache.to(device, room=ROOM)
+        wanted = [torch.device(d) for d in per_layer(device, self.cache.num_layers)]
+        held = self.cache.devices()
+        home = all(h is None or same_device(h, w) for h, w in zip(held, wanted, strict=True))
+        if not home and all(h is None or h.type == "cpu" for h in held):  # in host memory: layers come as used
+            return HostBackedCache(self.cache, wanted, ROOM)
+        if self.in_use or not home:
+            return self.cache.to(wanted, room=ROOM)
         self.in_use = True
         return self.cache.fork()
 
@@ -93,12 +102,17 @@ class ReadingCache:
 
 
 class ReadingStore:
-    """Recent readings by (method settings, token ids), within `device_bytes` on the model's device and
-    `host_bytes` in host memory; least recently used moves to the host, then out."""
+    """Recent readings by (method settings, token ids), within a budget on each of the model's devices and
+    `host_bytes` in host memory; least recently used moves to the host, then out.
 
-    def __init__(self, device_bytes: int, host_bytes: int, device_type: str = "cpu") -> None:
-        self.device_bytes, self.host_bytes = device_bytes, host_bytes
-        self.device_type = device_type  # the model's: readings there count against device_bytes
+    `device_bytes` maps each device the model computes on ("cuda:0", "cuda:1"; or a type, "cuda") to the bytes
+    readings may hold there; a plain number is that budget on `device_type`. A reading's bytes count where its
+    layers are: on a split model, each layer's keys and values against that layer's GPU.
+    """
+
+    def __init__(self, device_bytes: int | dict[str, int], host_bytes: int, device_type: str = "cpu") -> None:
+        self.device_bytes = device_bytes if isinstance(device_bytes, dict) else {device_type: device_bytes}
+        self.host_bytes = host_bytes
         self.entries: OrderedDict[tuple[str, str], ReadingCache] = OrderedDict()
         self.hits = self.misses = 0
 
@@ -123,8 +137,20 @@ class ReadingStore:
                     best = reading
         return best
 
-    def fits(self, nbytes: int) -> bool:
-        return nbytes <= max(self.device_bytes, self.host_bytes)
+    def budget_of(self, device: str) -> str | None:
+        """The budget a device's bytes count against ("cuda:1", or its type), or None: host memory."""
+        if device in self.device_bytes:
+            return device
+        kind = torch.device(device).type
+        return kind if kind in self.device_bytes else None
+
+    def fits(self, nbytes: int | dict[str, int]) -> bool:
+        """Whether a reading of `nbytes` (in all, or by device) could be kept: on the devices, or in host memory."""
+        by_device = nbytes if isinstance(nbytes, dict) else {next(iter(self.device_bytes)): nbytes}
+        on_devices = all(
+            self.budget_of(d) is not None and n <= self.device_bytes[self.budget_of(d)] for d, n in by_device.items()
+        )
+        return on_devices or sum(by_device.values()) <= self.host_bytes
 
     def add(self, reading: ReadingCache) -> None:
         self.entries[reading.key] = reading
@@ -134,19 +160,41 @@ class ReadingStore:
         self.entries.clear()
 
     def used(self, where: str) -> int:
-        return sum(r.nbytes for r in self.entries.values() if self._on_host(r) == (where == "host"))
+        """Bytes held on one budget ("cuda:0", "cuda", "cpu"), on every device ("device"), or in "host" memory."""
+
+        def counted(budget: str | None) -> bool:
+            if where == "host":
+                return budget is None
+            return budget is not None if where == "device" else budget == where
+
+        held = (r.nbytes_by_device().items() for r in self.entries.values())
+        return sum(nbytes for by_device in held for device, nbytes in by_device if counted(self.budget_of(device)))
 
     def _on_host(self, reading: ReadingCache) -> bool:
-        return reading.device == "cpu" and self.device_type != "cpu"
+        held = reading.nbytes_by_device()
+        return bool(held) and all(self.budget_of(d) is None for d in held)
+
+    def _room_on_host(self, reading: ReadingCache) -> bool:
+        """Whether host memory has room for the whole reading: its own budget, or the "cpu" device's when some of
+        the model's layers compute there."""
+        if "cpu" not in self.device_bytes:
+            return reading.nbytes <= self.host_bytes
+        there = reading.nbytes_by_device().get("cpu", 0)
+        return self.used("cpu") - there + reading.nbytes <= self.device_bytes["cpu"]
+
+    def _over(self) -> list[str]:
+        return [budget for budget, limit in self.device_bytes.items() if self.used(budget) > limit]
 
     def _balance(self) -> None:
         for key in list(self.entries):  # least recently used first
-            if self.used("device") <= self.device_bytes:
+            over = self._over()
+            if not over:
                 break
             reading = self.entries[key]
-            if self._on_host(reading) or reading.in_use:
+            held = reading.nbytes_by_device()
+            if reading.in_use or not any(self.budget_of(d) in over for d in held):
                 continue
-            if reading.nbytes <= self.host_bytes and self.device_type != "cpu":
+            if any(d != "cpu" for d in held) and self._room_on_host(reading):
                 reading.to("cpu")
             else:
                 del self.entries[key]
@@ -157,13 +205,23 @@ class ReadingStore:
                 del self.entries[key]
 
 
-def default_budgets(device: torch.device, weight_bytes: int) -> tuple[int, int]:
-    """(device, host) bytes for readings: half the GPU memory the weights leave, and a quarter of host memory."""
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: "cuda" (no index) is the same as any "cuda:N"."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def default_budgets(devices: list[torch.device], weight_bytes: dict[str, int]) -> tuple[dict[str, int], int]:
+    """({device: bytes}, host bytes) for readings: on each GPU half the memory its weights leave, and a quarter
+    of host memory (on a CPU model the device is host memory, so host memory holds no second budget)."""
     host = _host_memory() // 4
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        return max(0, (total - weight_bytes) // 2), host
-    return host, 0  # on CPU the device is host memory
+    budgets: dict[str, int] = {}
+    for device in devices:
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            budgets[str(device)] = max(0, (total - weight_bytes.get(str(device), 0)) // 2)
+        else:
+            budgets[device.type] = host
+    return budgets, (0 if "cpu" in budgets else host)
 
 
 def _host_memory() -> int:
@@ -197,8 +255,10 @@ def save(reading: ReadingCache, folder: Path, facts: dict) -> Path:
     return folder
 
 
-def load(folder: Path, facts: dict, method: Method, num_layers: int, device: torch.device) -> ReadingCache:
-    """A saved reading, refused with one line if it was made by another model, method, version or is damaged."""
+def load(folder: Path, facts: dict, method: Method, num_layers: int, device: Devices) -> ReadingCache:
+    """A saved reading, refused with one line if it was made by another model, method, version or is damaged.
+
+    Each layer goes to `device` (one for all, or one per layer: where a split model runs it)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -227,9 +287,10 @@ def load(folder: Path, facts: dict, method: Method, num_layers: int, device: tor
     cache = None
     if method.reusable:
         cache = KVCache(num_layers, capacity=len(ids) + ROOM)
+        devices = per_layer(device, num_layers)
         for i in range(num_layers):
             if f"keys.{i}" in tensors:
-                keys, values = tensors[f"keys.{i}"].to(device), tensors[f"values.{i}"].to(device)
+                keys, values = tensors[f"keys.{i}"].to(devices[i]), tensors[f"values.{i}"].to(devices[i])
                 if keys.shape[-2] != len(ids):
                     raise LongDocError(f"the saved reading in {folder} is damaged (layer {i}); read it again")
                 cache.update(keys, values, i)

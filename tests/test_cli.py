@@ -238,3 +238,24 @@ def test_slow_stage_gets_a_line_once_done_and_a_quick_one_none(capsys):
         status.update("loading needle-tiny")
         clock.now += 3.0
     assert capsys.readouterr().err == "loading needle-tiny (3.0s)\n"
+
+
+def test_device_map_flag_passes_a_json_map_through_and_refuses_in_flags(tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The pass key is 4815162. Remember it. " * 20)
+    common = [str(doc), "What is the pass key?", "--model", MODEL, "--method", "full", "--max-new-tokens", "4"]
+    plain = ask(*common, "--device", "cpu", "--json", "--quiet")
+    mapped = ask(*common, "--device-map", '{"": "cpu"}', "--json", "--quiet")
+    assert mapped.exit_code == 0, mapped.output
+    assert json.loads(mapped.stdout)["answer"] == json.loads(plain.stdout)["answer"]
+    assert ask(*common, "--device-map", "none", "--json", "--quiet").exit_code == 0
+    _expect_error(ask(*common, "--device-map", "nope"), "--device-map takes auto, none or a JSON object")
+    _expect_error(ask(*common, "--device-map", "{nope"), "--device-map is not valid JSON")
+    _expect_error(ask(*common, "--device-map", '{"": "disk"}'), "--device-map puts '' on disk")
+    _expect_error(ask(*common, "--device", "cpu", "--device-map", "auto"), "give --device or --device-map, not both")
+    _expect_error(runner.invoke(app, ["chat", str(doc), "--device-map", "[0]"]), "--device-map takes auto, none")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"id": 1, "text": "t", "questions": ["q"]}\n')
+    out = str(tmp_path / "a.jsonl")
+    batch = runner.invoke(app, ["batch", str(jobs), "--out", out, "--runner", "local", "--device-map", '{"x": -1}'])
+    _expect_error(batch, "--device-map puts 'x' on GPU -1; GPU numbers start at 0")

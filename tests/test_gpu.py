@@ -1,11 +1,15 @@
 """CUDA-only checks (skipped on CPU): the mask-free attention kernel path, HOMER's host-memory parking on a GPU,
-and graph-captured decoding against the eager loop."""
+graph-captured decoding against the eager loop, and a model split over two GPUs or a GPU and host memory."""
 
 from __future__ import annotations
+
+import functools
+import json
 
 import pytest
 import torch
 from test_core import CONTEXT, QUESTION
+from test_multi_device import CASE_IDS, METHOD_CASES, answers
 from tiny_models import build_model
 
 from longdoc import LongDoc
@@ -20,6 +24,7 @@ from longdoc.attention import (
 )
 from longdoc.decode_graph import StaticDecoder
 from longdoc.generate import GenerationConfig, generate_tokens, step
+from longdoc.model import load_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -182,3 +187,108 @@ def test_follow_ups_on_a_gpu_with_the_reading_on_the_gpu_or_in_host_memory(tiny_
         answer = on_host.ask(CONTEXT, question, max_new_tokens=12)
         assert answer.text == want
     assert answer.stats.reading == "reused" and answer.stats.reading_device == "cpu"
+
+
+# ----- a model split over devices (device_map, issue #22): the single-GPU tokens for every method -----
+
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+def split_map(tail) -> dict:
+    """The tiny model's embedding and layers 0-1 on GPU 0; layers 2-3, the final norm and the head on `tail`."""
+    head = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0}
+    return head | {name: tail for name in ("model.layers.2", "model.layers.3", "model.norm", "lm_head")}
+
+
+@functools.cache
+def single_gpu(path: str) -> LongDoc:
+    return cuda_doc(path, "full")
+
+
+@functools.cache
+def reference(path: str, method: str, options: str) -> tuple[str, list[int]]:
+    """The single-GPU answer (graph decoding, whose equality with the eager loop is checked above)."""
+    return answers(single_gpu(path), method, json.loads(options), tokens=12)
+
+
+@functools.cache
+def mapped(path: str, tail) -> LongDoc:
+    return LongDoc.from_pretrained(path, method="full", device_map=split_map(tail), dtype="float32")
+
+
+@functools.cache
+def gpu_and_host(path: str) -> LongDoc:
+    """Layers 2-3, the norm and the head computing on the CPU (moved there, no hooks): two devices, one GPU."""
+    model, tokenizer = load_model(path, device="cuda", dtype="float32")
+    for module in (model.model.layers[2], model.model.layers[3], model.model.norm, model.lm_head):
+        module.to("cpu")
+    return LongDoc(model, tokenizer, method="full")
+
+
+@TWO_GPUS
+@pytest.mark.parametrize("method, options", METHOD_CASES, ids=CASE_IDS)
+def test_multi_gpu_split_gives_the_single_gpu_tokens(tiny_model_dirs, family, method, options):
+    path = str(tiny_model_dirs[family])
+    split = mapped(path, 1)
+    gpus = [torch.device("cuda", 0)] * 2 + [torch.device("cuda", 1)] * 2
+    assert split.arch.layer_devices == gpus and split.arch.head_device == gpus[-1]
+    assert answers(split, method, options, tokens=12) == reference(path, method, json.dumps(options))
+
+
+@pytest.mark.parametrize("method, options", METHOD_CASES, ids=CASE_IDS)
+def test_multi_device_gpu_and_host_give_the_single_gpu_tokens(tiny_model_dirs, family, method, options):
+    """On one GPU: layers in host memory through a dict device_map (accelerate runs them on the GPU, their weights
+    brought in per call), and layers computing on the CPU (the hidden states, positions and cache cross over)."""
+    path = str(tiny_model_dirs[family])
+    want = reference(path, method, json.dumps(options))
+    offloaded = mapped(path, "cpu")
+    assert offloaded.arch.offloaded and offloaded.arch.layer_devices == [torch.device("cuda", 0)] * 4
+    assert answers(offloaded, method, options, tokens=12) == want
+    crossing = gpu_and_host(path)
+    assert crossing.arch.split and crossing.arch.layer_devices[2:] == [torch.device("cpu")] * 2
+    assert answers(crossing, method, options, tokens=12) == want
+
+
+def split_models(path: str) -> list[LongDoc]:
+    models = [mapped(path, "cpu"), gpu_and_host(path)]
+    return models + ([mapped(path, 1)] if torch.cuda.device_count() >= 2 else [])
+
+
+@pytest.mark.parametrize("method", ["full", "gemfilter"])
+def test_multi_device_follow_ups_equal_one_shot_answers_with_readings_on_the_devices_or_the_host(
+    tiny_model_dirs, method
+):
+    from test_reading import QUESTIONS
+
+    path = str(tiny_model_dirs["llama"])
+    options = {"top_k": 30} if method == "gemfilter" else {}
+    for model in split_models(path):
+        for on_host in (False, True):
+            doc = LongDoc(model.model, model.tokenizer, method, readings_on_host=on_host, **options)
+            reading = doc.read(CONTEXT)
+            for question in QUESTIONS[:2]:
+                one = single_gpu(path)
+                fresh = LongDoc(one.model, one.tokenizer, method, **options)  # its own empty store: a one-shot answer
+                answer = reading.ask(question, max_new_tokens=12)
+                assert answer.text == fresh.ask(CONTEXT, question, max_new_tokens=12).text
+                assert answer.stats.reading == "reused"
+            assert answer.stats.reading_device == ("cpu" if on_host else doc.arch.layer_devices[0].type)
+
+
+def test_multi_device_homer_parks_and_returns_each_layer_to_its_device(tiny_model_dirs):
+    path = str(tiny_model_dirs["llama"])
+    options = {"max_chunk_len": 64, "warmup_layers": 0, "offload": True}
+    want = single_gpu(path).with_method("homer", **options).prefill(single_gpu(path).layout(CONTEXT * 3, QUESTION))
+    assert want.details["chunks"] >= 16  # subtrees of 8 leaves are parked
+    for model in split_models(path):
+        got = model.with_method("homer", **options).prefill(model.layout(CONTEXT * 3, QUESTION))
+        assert got.kept_context.tolist() == want.kept_context.tolist()
+        assert got.cache.devices() == model.arch.layer_devices
+
+
+def test_multi_device_decoding_is_eager_and_says_why(tiny_model_dirs):
+    path = str(tiny_model_dirs["llama"])
+    for model in split_models(path):
+        notes = model.ask(CONTEXT, QUESTION, max_new_tokens=4).stats.notes
+        eager = [note for note in notes if note.startswith("decoded eagerly")]
+        assert eager and ("several devices" in eager[0] or "offloaded to host memory" in eager[0]), notes

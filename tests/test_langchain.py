@@ -231,8 +231,10 @@ def test_every_argument_is_honoured_or_refused():
         ChatLongDoc(**PARAMS).invoke(PROMPT, foo=1)
     with pytest.raises(LongDocError, match="unknown model_kwargs key 'load_in_8bit'"):
         LongDocLLM(**PARAMS, model_kwargs={"load_in_8bit": True})
-    with pytest.raises(LongDocError, match="device_map=.* is not supported"):
-        LongDocLLM(**PARAMS, device_map={"": 0})
+    with pytest.raises(LongDocError, match="give device or device_map, not both"):
+        LongDocLLM(**PARAMS, device_map={"": "cpu"})
+    mapped = LongDocLLM(**{**PARAMS, "device": "auto"}, device_map={"": "cpu"})  # a dict reaches longdoc's loading
+    assert mapped._base.arch.devices == [torch.device("cpu")]
     with pytest.raises(LongDocError, match="quantization_config needs"):
         ChatLongDoc(**PARAMS, model_kwargs={"quantization_config": {"load_in_4bit": True}})
     with pytest.raises(LongDocError, match="engine= is loaded; dtype cannot change it"):

@@ -104,7 +104,7 @@ class GemFilter(Method):
         hidden = arch.embed(input_ids)
         rows = arch.rotary(hidden, torch.arange(start, start + input_ids.shape[1], device=hidden.device)[None])
         chunks = _chunks(0, input_ids.shape[1], self.prefill_chunk)
-        self._filter_layers(arch, hidden, rows, cache, layer, chunks, True, progress)
+        hidden, rows = self._filter_layers(arch, hidden, rows, cache, layer, chunks, True, progress)
         for first, end in chunks:
             keys = arch.keys(layer, hidden[:, first:end], _rows(rows, first, end))
             cache.update(keys, keys[..., :0], layer)
@@ -150,7 +150,7 @@ class GemFilter(Method):
         cache = reading if reading is not None else KVCache(arch.num_layers)  # a lease: ours to append to
         # Each layer's keys and values are dropped once the question's rows have passed it (from a fork, only the
         # fork's references): one layer alive, and a reading held in host memory streams in one layer at a time.
-        self._filter_layers(arch, hidden, rows, cache, layer, chunks, False, progress)
+        hidden, rows = self._filter_layers(arch, hidden, rows, cache, layer, chunks, False, progress)
         for start, end in chunks:
             keys = arch.keys(layer, hidden[:, start:end], _rows(rows, start, end))
             cache.update(keys, keys[..., :0], layer)
@@ -168,10 +168,18 @@ class GemFilter(Method):
         pooled = F.avg_pool1d(scores[:, None], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
         return pooled[0, 0], (w if w < self.query_tokens else None)
 
-    def _filter_layers(self, arch, hidden, rows, cache, layer, chunks, keep: bool, progress=no_progress) -> None:
-        """Layers 0..layer-1 over `hidden` in place, layer by layer, each in `chunks`; keep or free each layer."""
+    def _filter_layers(self, arch, hidden, rows, cache, layer, chunks, keep: bool, progress=no_progress):
+        """Layers 0..layer-1 over `hidden` in place, layer by layer, each in `chunks`; keep or free each layer.
+
+        Returns the hidden states and position embeddings on the filter layer's device: on a split model both move
+        where the next layer runs, once (not once per chunk and back).
+        """
         steps = max(1, layer * len(chunks))
-        for i in range(layer):
+        for i in range(layer + 1):
+            device = arch.layer_devices[i]
+            hidden, rows = hidden.to(device), tuple(t.to(device) for t in rows)  # no copy where they are already
+            if i == layer:
+                break
             for j, (start, end) in enumerate(chunks):
                 hidden[:, start:end] = arch.forward(
                     hidden[:, start:end], _rows(rows, start, end), cache, layers=range(i, i + 1)
@@ -179,6 +187,7 @@ class GemFilter(Method):
                 progress("filter", i * len(chunks) + j + 1, steps)
             if not keep:
                 cache.free(i)
+        return hidden, rows
 
 
 def _chunks(start: int, end: int, size: int) -> list[tuple[int, int]]:

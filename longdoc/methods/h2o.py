@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arch import Arch
+from ..arch import Arch, PerDevice
 from ..cache import KVCache
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
@@ -52,7 +52,8 @@ class H2O(Method):
         input_ids = layout.input_ids(arch.device)
         positions = torch.arange(n, device=arch.device)[None]
         cache = KVCache(arch.num_layers, capacity=n)
-        received = torch.zeros(arch.num_layers, arch.num_kv_heads, n, device=arch.device)  # attention each key got
+        # The attention each key got, per layer on that layer's device (a split model's layers are on several).
+        received = [torch.zeros(arch.num_kv_heads, n, device=device) for device in arch.layer_devices]
         hidden = None
         for start in range(0, n, self.prefill_chunk):
             end = min(start + self.prefill_chunk, n)
@@ -69,20 +70,22 @@ class H2O(Method):
         recent[max(0, c - self.recent) :] = True
         k = min(self.keys_per_head, c)
         for i in range(arch.num_layers):
-            scores = received[i, :, p : p + c].masked_fill(protected | recent, float("inf"))  # (Hkv, c)
+            here = received[i].device
+            scores = received[i][:, p : p + c].masked_fill((protected | recent).to(here), float("inf"))  # (Hkv, c)
             chosen = scores.topk(k, dim=-1).indices.sort(-1).values + p
             heads = chosen.shape[0]
             index = torch.cat(
                 [
-                    torch.arange(p, device=arch.device).expand(heads, p),
+                    torch.arange(p, device=here).expand(heads, p),
                     chosen,
-                    torch.arange(p + c, n, device=arch.device).expand(heads, n - p - c),
+                    torch.arange(p + c, n, device=here).expand(heads, n - p - c),
                 ],
                 dim=1,
             )
             cache.keep(index, layers=[i])
         # Evidence: the context tokens that received the most attention over layers and heads.
-        totals = received[:, :, p : p + c].sum((0, 1)).masked_fill(protected, float("-inf"))
+        totals = torch.stack([layer[:, p : p + c].to(arch.device) for layer in received]).sum((0, 1))
+        totals = totals.masked_fill(protected, float("-inf"))
         kept_context = strongest(totals, min(self.keys_per_head, layout.compressible))
         return Prefill(
             cache=cache,
@@ -96,15 +99,16 @@ class H2O(Method):
         )
 
 
-def _accumulator(arch: Arch, cache: KVCache, received: torch.Tensor, start: int, position_embeddings):
+def _accumulator(arch: Arch, cache: KVCache, received: list[torch.Tensor], start: int, position_embeddings):
     """A tap for one chunk's forward and its last step: before layer i, score layer i - 1 (its keys are
     cached by then) and take layer i's queries; after the forward, score the last layer."""
     pending: list[tuple[int, torch.Tensor]] = []
+    rows = PerDevice(position_embeddings)  # on a split model: copied to each device once, not once per layer
 
     def accumulate(i: int, layer_input: torch.Tensor) -> None:
         if pending:
             _add_received(received, *pending.pop(), cache, start)
-        pending.append((i, arch.queries(i, layer_input, position_embeddings)))
+        pending.append((i, arch.queries(i, layer_input, rows(layer_input.device))))
 
     def finish() -> None:
         _add_received(received, *pending.pop(), cache, start)
@@ -112,7 +116,7 @@ def _accumulator(arch: Arch, cache: KVCache, received: torch.Tensor, start: int,
     return accumulate, finish
 
 
-def _add_received(received: torch.Tensor, i: int, queries: torch.Tensor, cache: KVCache, start: int) -> None:
+def _add_received(received: list[torch.Tensor], i: int, queries: torch.Tensor, cache: KVCache, start: int) -> None:
     """Add to received[i] the causal softmax probabilities that the queries at rows start.. gave each key."""
     keys, _ = cache.layer(i)
     n, rows = keys.shape[-2], queries.shape[-2]
@@ -123,4 +127,4 @@ def _add_received(received: torch.Tensor, i: int, queries: torch.Tensor, cache: 
         at = start + torch.arange(first, last, device=keys.device)
         future = torch.arange(n, device=keys.device)[None] > at[:, None]
         probs = logits.masked_fill(future, float("-inf")).softmax(-1)
-        received[i, :, :n] += probs[0].sum((1, 2))
+        received[i][:, :n] += probs[0].sum((1, 2))

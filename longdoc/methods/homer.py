@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..arch import Arch
-from ..cache import KVCache
+from ..cache import Devices, KVCache
 from ..calibration import find as find_calibration
 from ..calibration import load as load_calibration
 from ..errors import LongDocError
@@ -61,12 +61,14 @@ class ChunkState:
     def context_len(self) -> int:
         return self.hidden.shape[1] - self.prefix_len - self.suffix_len
 
-    def to(self, device: torch.device | str) -> ChunkState:
-        """The same state with its tensors (hidden states, positions, every cached layer) on `device`."""
+    def to(self, device: torch.device | str, cache_devices: Devices | None = None) -> ChunkState:
+        """The same state with its hidden states on `device` and its cached layers on `cache_devices` (one for
+        all, or one per layer: where a split model's layers run; default `device`). Positions stay where they are
+        (a few bytes a row)."""
         return ChunkState(
             hidden=self.hidden.to(device),
-            positions=self.positions.to(device),
-            cache=self.cache.to(device),
+            positions=self.positions,
+            cache=self.cache.to(device if cache_devices is None else cache_devices),
             prefix_len=self.prefix_len,
             suffix_len=self.suffix_len,
             context_index=self.context_index,
@@ -76,9 +78,9 @@ class ChunkState:
     def keep(self, rows: torch.Tensor, scores: torch.Tensor) -> None:
         """Keep these context rows (ascending) and the whole prefix and suffix, in every layer run so far."""
         index = keep_index(self.prefix_len, self.context_len, self.hidden.shape[1], rows)
-        self.hidden = self.hidden[:, index]
-        self.positions = self.positions[:, index]
-        self.cache.keep(index)
+        self.hidden = self.hidden[:, index.to(self.hidden.device)]  # on a split model, the last layer's device
+        self.positions = self.positions[:, index.to(self.positions.device)]
+        self.cache.keep(index)  # each layer on its own device
         self.context_index = self.context_index[rows.to(self.context_index.device)]
         self.context_scores = scores[rows.to(scores.device)].cpu()
 
@@ -250,11 +252,12 @@ class _Run:
             left_keep, right_keep = self.budgets(mid)
             left = self.subtree(lo, mid, level - 1, left_keep)
             parked = self.offload and left is not None and mid - lo >= OFFLOAD_MIN_LEAVES
-            if parked:
+            if parked:  # back later to where it was: the hidden states' device and each layer's own
+                home = (left.hidden.device, [d or "cpu" for d in left.cache.devices()])
                 left = left.to("cpu")
             right = self.subtree(mid, hi, level - 1, right_keep) if right_keep else None
             if parked:
-                left = left.to(self.arch.device)
+                left = left.to(*home)
             state = merge(left, right) if right is not None else left
             self.alive -= 1 if right is not None else 0
         if state is None:
@@ -292,7 +295,7 @@ class _Run:
         protected = self.protected[state.context_index.to(self.protected.device)]
         if not layers:
             scores = state.context_scores.to(protected.device)
-            state.keep(strongest(scores.masked_fill(protected, float("inf")), keep).to(arch.device), scores)
+            state.keep(strongest(scores.masked_fill(protected, float("inf")), keep), scores)
             return
         position_embeddings = arch.rotary(state.hidden, state.positions)
         # [prefix | context] then the suffix, as full's prefill splits a prompt (prompt.py: reading_len), so one
@@ -313,8 +316,9 @@ class _Run:
         if layers.start == 0:
             self.leaves_done += 1
             self.progress("homer", self.leaves_done, self.num_chunks)
-        scores = self.scores(state, layers[-1], layer_input, position_embeddings)
+        scores = self.scores(state, layers[-1], layer_input, position_embeddings)  # on that layer's device
         context_scores = scores[state.prefix_len : state.prefix_len + state.context_len]
+        protected = protected.to(scores.device)
         state.keep(strongest(context_scores.masked_fill(protected, float("inf")), keep), context_scores)
 
     def scores(self, state: ChunkState, layer: int, layer_input, position_embeddings) -> torch.Tensor:
@@ -328,7 +332,7 @@ class _Run:
         scores = last_token_logits(query, keys)
         if self.bias is not None:
             distance = (state.positions[0, -1] - state.positions[0]).clamp(0, self.bias.shape[1] - 1)
-            scores = scores - self.bias[layer, distance]
+            scores = scores - self.bias[layer, distance].to(scores.device)
         return scores
 
 

@@ -66,11 +66,10 @@ class Lingua(Method):
                 hidden = arch.forward(hidden, arch.rotary(hidden, torch.arange(ids.shape[1], device=arch.device)[None]))
                 # The row before each context token predicts it; with no lead the first token has no prediction.
                 rows = hidden[:, max(len(lead) - 1, 0) : -1]
-                logprobs = arch.logits(arch.final_norm(rows))[0].log_softmax(-1)
-                targets = piece[len(piece) - rows.shape[1] :]
-                out[start + len(piece) - rows.shape[1] : start + len(piece)] = -logprobs.gather(-1, targets[:, None])[
-                    :, 0
-                ]
+                logprobs = arch.logits(arch.final_norm(rows))[0].log_softmax(-1)  # on the head's device
+                targets = piece[len(piece) - rows.shape[1] :].to(logprobs.device)
+                surprise = -logprobs.gather(-1, targets[:, None])[:, 0]
+                out[start + len(piece) - rows.shape[1] : start + len(piece)] = surprise.to(out.device)
                 if rows.shape[1] < len(piece):
                     out[start] = 0.0
             progress("lingua", min(start + self.segment, len(context)), len(context))

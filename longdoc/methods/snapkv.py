@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..arch import Arch
+from ..arch import Arch, PerDevice
 from ..cache import KVCache
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
@@ -62,9 +62,11 @@ class SnapKV(Method):
         votes = torch.zeros(scored, device=arch.device)
         selections = []
 
+        rows = PerDevice(position_embeddings)  # on a split model: copied to each device once, not once per layer
+
         def vote(i: int, layer_input: torch.Tensor) -> None:
             """Before layer i: remember its window queries; after it (at the next call) score its keys."""
-            selections.append(arch.queries(i, layer_input, position_embeddings))
+            selections.append(arch.queries(i, layer_input, rows(layer_input.device)))
 
         hidden = arch.forward(hidden, position_embeddings, cache, tap=vote)
         for i, queries in enumerate(selections):
@@ -74,14 +76,15 @@ class SnapKV(Method):
             # Pooled over every row before the window, then the prefix cut away, as SnapKV's and kvpress's
             # references do: the first and last context rows average with their true neighbours, not zeros.
             pooled = F.avg_pool1d(head_scores[0], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)[:, p:]
-            votes += pooled.sum(0)
+            votes += pooled.sum(0).to(votes.device)  # on a split model layer i's scores are on its own device
             k = min(self.keys_per_head, pooled.shape[-1])
-            chosen = pooled.masked_fill(protected, float("inf")).topk(k, dim=-1).indices.sort(-1).values + p
+            here = pooled.device
+            chosen = pooled.masked_fill(protected.to(here), float("inf")).topk(k, dim=-1).indices.sort(-1).values + p
             index = torch.cat(
                 [
-                    torch.arange(p, device=arch.device).expand(chosen.shape[0], p),
+                    torch.arange(p, device=here).expand(chosen.shape[0], p),
                     chosen,
-                    torch.arange(n - w, n, device=arch.device).expand(chosen.shape[0], w),
+                    torch.arange(n - w, n, device=here).expand(chosen.shape[0], w),
                 ],
                 dim=1,
             )
