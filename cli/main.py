@@ -57,6 +57,13 @@ Password = Annotated[str | None, typer.Option(help="Password of an encrypted PDF
 AsJson = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress on stderr.")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Run the model repo's own code (off by default).")]
+CompileDecode = Annotated[
+    bool,
+    typer.Option(
+        "--compile-decode",
+        help="On a GPU, decode through torch.compile: ~1.4x the tokens/s after about half a minute of compiling.",
+    ),
+]
 
 
 @app.command()
@@ -92,6 +99,7 @@ def ask(
     quiet: Quiet = False,
     strict: bool = typer.Option(False, help="Fail on a folder's unreadable or unsupported file; default: skip it."),
     trust_remote_code: TrustRemoteCode = False,
+    compile_decode: CompileDecode = False,
 ) -> None:
     """Answer questions about FILE...; answers stream to stdout, progress goes to stderr.
 
@@ -104,7 +112,7 @@ def ask(
         )
         request = AskRequest(
             files, model, method, options, max_new_tokens, device, dtype, password, trust_remote_code, strict,
-            device_map=parse_device_map(device_map),
+            device_map=parse_device_map(device_map), compile_decode=compile_decode,
         )  # fmt: skip
         output = Output(as_json, evidence, quiet)
         document, reading = open_reading(request, cache, quiet)
@@ -143,6 +151,7 @@ class AskRequest:
     trust_remote_code: bool = False
     strict: bool = False
     device_map: str | dict | None = None
+    compile_decode: bool = False
 
 
 @dataclass
@@ -174,6 +183,7 @@ def load_engine(request: AskRequest, quiet: bool):
             device_map=request.device_map,
             dtype=request.dtype,
             trust_remote_code=request.trust_remote_code,
+            compile_decode=request.compile_decode,
             **request.options,
         )
     return document, doc
@@ -328,6 +338,7 @@ def chat(
     evidence: bool = typer.Option(True, "--evidence/--no-evidence", help="Show the kept spans under each answer."),
     quiet: Quiet = False,
     trust_remote_code: TrustRemoteCode = False,
+    compile_decode: CompileDecode = False,
 ) -> None:
     """Read FILE... once, then answer questions typed at the prompt, one per line; /quit or end of input stops.
 
@@ -341,7 +352,7 @@ def chat(
         )
         request = AskRequest(
             files, model, method, options, max_new_tokens, device, dtype, password, trust_remote_code,
-            device_map=parse_device_map(device_map),
+            device_map=parse_device_map(device_map), compile_decode=compile_decode,
         )  # fmt: skip
         document, reading = open_reading(request, cache, quiet)
     except LongDocError as exc:

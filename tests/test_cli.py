@@ -259,3 +259,25 @@ def test_device_map_flag_passes_a_json_map_through_and_refuses_in_flags(tmp_path
     out = str(tmp_path / "a.jsonl")
     batch = runner.invoke(app, ["batch", str(jobs), "--out", out, "--runner", "local", "--device-map", '{"x": -1}'])
     _expect_error(batch, "--device-map puts 'x' on GPU -1; GPU numbers start at 0")
+
+
+def test_compile_decode_flag_reaches_the_model_and_changes_no_cpu_answer(tmp_path, monkeypatch):
+    """--compile-decode is handed to LongDoc; on the CPU decoding stays eager, so the answer is the same."""
+    from longdoc import LongDoc
+
+    seen = []
+    original = LongDoc.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        seen.append(kwargs.get("compile_decode"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(LongDoc, "from_pretrained", classmethod(recording))
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The pass key is 4815162. Remember it. " * 20)
+    common = [str(doc), "What is the pass key?", "--model", MODEL, "--method", "full", "--max-new-tokens", "4"]
+    plain = ask(*common, "--json", "--quiet")
+    compiled = ask(*common, "--compile-decode", "--json", "--quiet")
+    assert compiled.exit_code == 0, compiled.output
+    assert seen == [False, True]
+    assert json.loads(compiled.stdout)["answer"] == json.loads(plain.stdout)["answer"]
