@@ -27,7 +27,7 @@ from .model import load_model
 from .profile import Profile, configure, load_profile
 from .progress import ProgressHook, no_progress
 from .prompt import PromptLayout, build_layout, layout_completion, layout_messages
-from .quantized import quantized
+from .quantized import quantized, quantized_bytes
 from .reading import ROOM, ReadingCache, ReadingStore, default_budgets
 from .reading import load as load_saved
 from .reading import save as save_reading
@@ -280,6 +280,7 @@ class LongDoc:
             model=str(getattr(self.arch.config, "_name_or_path", "")),
             model_fingerprint=model_fingerprint(self.model),
             method=method.name,
+            kv_bits=method.kv_bits,  # how the saved tensors are laid out (codes or full precision): its own fact
             options={k: v for k, v in method.options().items()},
             longdoc=__version__,
             document_sha256=hashlib.sha256(document.text.encode()).hexdigest(),
@@ -327,6 +328,11 @@ class LongDoc:
                     if method.kv_bits is not None:
                         prefill.cache = quantized(prefill.cache, method.kv_bits)
                         prefill.notes.append(f"kv_bits={method.kv_bits}: the decoding cache is quantized (KIVI)")
+                        if method.reusable:
+                            prefill.notes.append(
+                                f"kv_bits={method.kv_bits}: the reading is quantized too; the question attends to it "
+                                "dequantized, whether it was read now or earlier"
+                            )
                 except BaseException:
                     if cache is not None:
                         cache.release()
@@ -379,11 +385,17 @@ class LongDoc:
         return reading, "extended" if base is not None else "read"
 
     def reading_bytes(self, method: Method, tokens: int) -> int:
-        """Keys and values a reading of `tokens` tokens would hold (gemfilter's last layer holds keys only)."""
+        """Keys and values a reading of `tokens` tokens would hold (gemfilter's last layer holds keys only), quantized
+        with the method's kv_bits."""
         layers = method.reading_layers(self.arch)
-        per_layer = tokens * self.arch.num_kv_heads * self.arch.head_dim * self.arch.dtype.itemsize
         full_layers = layers if isinstance(method, Full) else layers - 1
-        return per_layer * (2 * full_layers + (layers - full_layers))
+        d, size = self.arch.head_dim, self.arch.dtype.itemsize
+        if method.kv_bits is None:
+            per_head = tokens * d * size * (2 * full_layers + (layers - full_layers))
+        else:
+            per_head = full_layers * quantized_bytes(tokens, d, d, method.kv_bits, size)
+            per_head += (layers - full_layers) * quantized_bytes(tokens, d, 0, method.kv_bits, size)
+        return per_head * self.arch.num_kv_heads
 
     def _decode(self, prefill: Prefill, config: GenerationConfig, stats: Stats) -> Iterator[str]:
         start = time.perf_counter()
