@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU benchmarks, run on the lent H100/H200 from the repo root: bash benchmarks/gpu.sh PART OUT
 # PART: speed (Llama-3.1-8B shape, 8K-128K, with transformers' own forward as yardstick) | reading (read once,
-#       ask 5: first and follow-up TTFT, reading size, save/load, 8K-128K) | homer-long (512K, 1M)
+#       ask 5: first and follow-up TTFT, reading size, save/load, 8K-128K; full and gemfilter, also with a 4-bit
+#       reading) | homer-long (512K, 1M)
 #       | decode (256 tokens after full, gemfilter, homer at 8K-128K: CUDA graph, transformers' generate, the floor;
 #         and the eager loop at 8K for comparison)
 #       | decode-compiled (the same with the torch.compile'd step: gemfilter and homer at 8K, full at 128K)
@@ -21,8 +22,8 @@ speed)
         --runs 3 --top-k 1024 --out "$out/speed" -q
     ;;
 reading)
-    longdoc bench speed --shape llama-3.1-8b --lengths 8k,32k,128k --methods full,gemfilter --runs 1 --no-reference \
-        --top-k 1024 --questions 5 --out "$out/reading" -q
+    longdoc bench speed --shape llama-3.1-8b --lengths 8k,32k,128k --methods full,gemfilter,kivi-4,gemfilter+kv_bits=4 \
+        --runs 1 --no-reference --top-k 1024 --questions 5 --out "$out/reading" -q
     ;;
 decode)
     longdoc bench speed --shape llama-3.1-8b --lengths 8k,32k,128k --methods full,gemfilter,homer --runs 2 \

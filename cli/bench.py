@@ -347,7 +347,10 @@ def speed(
 
 def _reading_table(reading_records, shape, lengths, configs, questions, device, out: Path) -> None:
     """Read once, ask `questions`: first vs follow-up TTFT, reading size, save/load, as a table and reading.json."""
-    reusable = {name: options for name, options in configs.items() if name in ("full", "gemfilter")}
+    from longdoc.methods import method_class, split_label
+
+    # full, gemfilter and their rows with options (kivi-4, gemfilter+kv_bits=4: a quantized reading)
+    reusable = {name: options for name, options in configs.items() if method_class(split_label(name)[0]).reusable}
     records, info = reading_records(shape, lengths, reusable, questions, device, folder=str(out))
     path = _write(out, "reading.json", dict(**info, records=records))
     table = Table(

@@ -28,7 +28,7 @@ from .model import load_model
 from .profile import Profile, configure, load_profile
 from .progress import ProgressHook, no_progress
 from .prompt import PromptLayout, build_layout, layout_completion, layout_messages
-from .quantized import quantized
+from .quantized import quantized, quantized_bytes
 from .reading import ROOM, ReadingCache, ReadingStore, default_budgets
 from .reading import load as load_saved
 from .reading import save as save_reading
@@ -307,6 +307,7 @@ class LongDoc:
             model=str(getattr(self.arch.config, "_name_or_path", "")),
             model_fingerprint=model_fingerprint(self.model),
             method=method.name,
+            kv_bits=method.kv_bits,  # how the saved tensors are laid out (codes or full precision): its own fact
             options={k: v for k, v in method.options().items()},
             longdoc=__version__,
             document_sha256=hashlib.sha256(document.text.encode()).hexdigest(),
@@ -354,6 +355,11 @@ class LongDoc:
                     if method.kv_bits is not None:
                         prefill.cache = quantized(prefill.cache, method.kv_bits)
                         prefill.notes.append(f"kv_bits={method.kv_bits}: the decoding cache is quantized (KIVI)")
+                        if method.reusable:
+                            prefill.notes.append(
+                                f"kv_bits={method.kv_bits}: the reading is quantized too; the question attends to it "
+                                "dequantized, whether it was read now or earlier"
+                            )
                 except BaseException:
                     if cache is not None:
                         cache.release()
@@ -406,18 +412,24 @@ class LongDoc:
         return reading, "extended" if base is not None else "read"
 
     def reading_bytes(self, method: Method, tokens: int) -> int:
-        """Keys and values a reading of `tokens` tokens would hold (gemfilter's last layer holds keys only)."""
+        """Keys and values a reading of `tokens` tokens would hold (gemfilter's last layer holds keys only), quantized
+        with the method's kv_bits."""
         return sum(self.reading_bytes_by_device(method, tokens).values())
 
     def reading_bytes_by_device(self, method: Method, tokens: int) -> dict[str, int]:
         """The same by device: each layer's keys and values are held where the layer runs."""
         layers = method.reading_layers(self.arch)
-        per_layer = tokens * self.arch.num_kv_heads * self.arch.head_dim * self.arch.dtype.itemsize
         full_layers = layers if isinstance(method, Full) else layers - 1
+        d, size, heads = self.arch.head_dim, self.arch.dtype.itemsize, self.arch.num_kv_heads
         by_device: dict[str, int] = {}
         for i in range(layers):
+            value_width = d if i < full_layers else 0
+            if method.kv_bits is None:
+                nbytes = tokens * (d + value_width) * size * heads
+            else:
+                nbytes = quantized_bytes(tokens, d, value_width, method.kv_bits, size) * heads
             where = str(self.arch.layer_devices[i])
-            by_device[where] = by_device.get(where, 0) + per_layer * (2 if i < full_layers else 1)
+            by_device[where] = by_device.get(where, 0) + nbytes
         return by_device
 
     def _decode(self, prefill: Prefill, config: GenerationConfig, stats: Stats) -> Iterator[str]:

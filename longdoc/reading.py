@@ -6,7 +6,8 @@ comes after it. A reusable method (`Method.reusable`: full, gemfilter) keeps tha
 its own tokens over it. Every prompt is computed as [0, reading_len) then the rest (see prompt.py),
 whether or not the first part comes from a reading, so a follow-up equals a one-shot answer token
 for token. Methods whose reduction depends on the question (homer, snapkv, streaming, rag) keep only
-the tokens and recompute per question, and say so.
+the tokens and recompute per question, and say so. A method with `kv_bits` keeps its reading quantized
+(quantized.py): in the store, in host memory and on disk.
 
 The store keeps recent readings by (method settings, token ids), within a memory budget: on the
 model's devices first (a budget per device: a model split over GPUs keeps each layer's part of a
@@ -28,6 +29,7 @@ import torch
 from .cache import Devices, HostBackedCache, KVCache, per_layer
 from .errors import LongDocError
 from .methods import Method
+from .quantized import PARTS, QuantizedCache, QuantizedLayer
 
 ROOM = 1024  # spare rows a reading's cache keeps, so a question and its answer append without a copy
 FORMAT = 1  # saved reading layout version
@@ -43,7 +45,7 @@ class ReadingCache:
 
     method: Method
     ids: list[int]
-    cache: KVCache | None  # None for methods that recompute per question
+    cache: KVCache | QuantizedCache | None  # None for methods that recompute per question; quantized with kv_bits
     seconds: float = 0.0  # time it took to read
     extended_from: int = 0  # tokens taken from an earlier reading (0: read from the start)
     in_use: bool = field(default=False, repr=False)
@@ -66,6 +68,8 @@ class ReadingCache:
         """Where the reading is held: "cuda", "cpu" or "none" (the first layer's; a split model's are all GPUs)."""
         if self.cache is None or not self.cache.filled(0):
             return "none"
+        if isinstance(self.cache, QuantizedCache):
+            return self.cache.device.type
         return self.cache.layer(0)[0].device.type
 
     def nbytes_by_device(self) -> dict[str, int]:
@@ -74,13 +78,15 @@ class ReadingCache:
     def matches(self, ids: list[int]) -> bool:
         return len(ids) >= self.length and ids[: self.length] == self.ids
 
-    def lease(self, device: Devices) -> KVCache | None:
+    def lease(self, device: Devices) -> KVCache | QuantizedCache | None:
         """A cache one question may append to, each layer on `device` (one for all, or the model's device per
         layer). The first lease shares the buffers; one taken while another is out (an unfinished stream) is a
         copy, so two questions never write the same rows."""
         if self.cache is None:
             return None
         wanted = [torch.device(d) for d in per_layer(device, self.cache.num_layers)]
+        if isinstance(self.cache, QuantizedCache):  # codes are never written: every lease shares them, own tails
+            return self.cache.lease(wanted, ROOM)
         held = self.cache.devices()
         home = all(h is None or same_device(h, w) for h, w in zip(held, wanted, strict=True))
         if not home and all(h is None or h.type == "cpu" for h in held):  # in host memory: layers come as used
@@ -129,6 +135,8 @@ class ReadingStore:
     def longest_prefix(self, method: Method, ids: list[int]) -> ReadingCache | None:
         """The reading by this method whose tokens are the longest proper prefix of `ids` (a chat that grew, a
         document with more appended), or None."""
+        if method.kv_bits is not None:  # new rows over a quantized reading would differ from a fresh reading by more
+            return None  # than rounding (they would attend to dequantized rows): read the whole prompt head again
         key = method.describe()
         best = None
         for (described, _), reading in self.entries.items():
@@ -239,15 +247,21 @@ TENSORS, META = "reading.safetensors", "reading.json"
 
 
 def save(reading: ReadingCache, folder: Path, facts: dict) -> Path:
-    """Write the reading's cache (every filled layer's rows in use) and the facts it will be checked against."""
+    """Write the reading's cache (every filled layer's rows in use; a quantized reading's codes, steps, minimums and
+    full-precision tail) and the facts it will be checked against."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"ids": torch.tensor(reading.ids, dtype=torch.int64)}
-    if reading.cache is not None:
-        for i in range(reading.cache.num_layers):
-            if reading.cache.filled(i):
-                keys, values = reading.cache.layer(i)
+    cache = reading.cache
+    if isinstance(cache, QuantizedCache):
+        for i, layer in enumerate(cache.layers):
+            if layer is not None:
+                tensors.update({f"{name}.{i}": t.contiguous().cpu() for name, t in layer.tensors().items()})
+    elif cache is not None:
+        for i in range(cache.num_layers):
+            if cache.filled(i):
+                keys, values = cache.layer(i)
                 tensors[f"keys.{i}"], tensors[f"values.{i}"] = keys.contiguous().cpu(), values.contiguous().cpu()
     save_file(tensors, str(folder / TENSORS))
     meta = {**facts, "format": FORMAT, "ids_sha256": reading.key[1], "tokens": reading.length}
@@ -285,7 +299,9 @@ def load(folder: Path, facts: dict, method: Method, num_layers: int, device: Dev
     if ids_digest(ids) != meta.get("ids_sha256"):
         raise LongDocError(f"the saved reading in {folder} is damaged (its tokens do not match); read it again")
     cache = None
-    if method.reusable:
+    if method.reusable and method.kv_bits is not None:
+        cache = _quantized_cache(tensors, method.kv_bits, num_layers, len(ids), device, folder)
+    elif method.reusable:
         cache = KVCache(num_layers, capacity=len(ids) + ROOM)
         devices = per_layer(device, num_layers)
         for i in range(num_layers):
@@ -295,3 +311,24 @@ def load(folder: Path, facts: dict, method: Method, num_layers: int, device: Dev
                     raise LongDocError(f"the saved reading in {folder} is damaged (layer {i}); read it again")
                 cache.update(keys, values, i)
     return ReadingCache(method=method, ids=ids, cache=cache, seconds=0.0)
+
+
+def _quantized_cache(
+    tensors: dict, bits: int, num_layers: int, tokens: int, device: Devices, folder: Path
+) -> QuantizedCache:
+    """A quantized reading from its saved parts (the codes as saved: re-quantizing dequantized rows would not give
+    them back), checked to hold `tokens` rows in every layer, each layer on its device."""
+    cache = QuantizedCache(KVCache(num_layers), bits, decoding=False)
+    devices = per_layer(device, num_layers)
+    for i in range(num_layers):
+        if f"tail_keys.{i}" not in tensors:
+            continue
+        try:
+            parts = {name: tensors[f"{name}.{i}"].to(devices[i]) for name in (*PARTS, "tail_keys", "tail_values")}
+            layer = QuantizedLayer.from_tensors(parts, bits)
+        except (KeyError, ValueError, RuntimeError):
+            layer = None
+        if layer is None or layer.length != tokens:
+            raise LongDocError(f"the saved reading in {folder} is damaged (layer {i}); read it again")
+        cache.layers[i] = layer
+    return cache

@@ -96,3 +96,16 @@ def test_speed_takes_the_field_rows(tmp_path):
     # 288 kept tokens: the 128 oldest are quantized, the last 160 stay in full precision (KIVI's recent window)
     assert by["gemfilter+kv_bits=4"]["cache_bytes"] < by["gemfilter"]["cache_bytes"]
     assert by["h2o"]["tokens_kept"] == 8 + 256 + 24 and by["kivi-4"]["tokens_kept"] == 1024
+
+
+def test_reading_bench_takes_quantized_readings(tmp_path):
+    """`--questions` measures the reusable rows, a quantized reading (kv_bits) among them: read, ask, save and load."""
+    rows = "full,kivi-4,gemfilter+kv_bits=4,h2o"
+    bench(
+        "speed", "--shape", "tiny", "--lengths", "1k", "--runs", "1", "--decode-tokens", "3", "--device", "cpu",
+        "--top-k", "64", "--methods", rows, "--no-reference", "--questions", "1", "--out", str(tmp_path),
+    )  # fmt: skip
+    by = {r["method"]: r for r in json.loads((tmp_path / "reading.json").read_text())["records"]}
+    assert set(by) == {"full", "kivi-4", "gemfilter+kv_bits=4"}  # h2o recomputes per question: not a reading row
+    assert by["kivi-4"]["reading_bytes"] < by["full"]["reading_bytes"] / 2 and by["kivi-4"]["load_seconds"] >= 0
+    assert 0 < by["gemfilter+kv_bits=4"]["reading_bytes"] < by["kivi-4"]["reading_bytes"]

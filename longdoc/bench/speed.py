@@ -241,7 +241,7 @@ def reading_records(
             layouts.append(PromptLayout(head[: PREFIX], head[PREFIX:], other.suffix_ids, layouts[0].context_offsets,
                                         layouts[0].context_text))  # fmt: skip
         for name, options in methods.items():
-            method = parse_method(name, options)
+            method = parse_method(split_label(name)[0], options)
             record = dict(method=name, length=length, options=options, questions=questions)
             if not method.reusable:
                 record.update(error=f"{name} recomputes per question")

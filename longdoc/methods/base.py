@@ -17,13 +17,14 @@ import torch
 from ..arch import Arch
 from ..cache import KVCache
 from ..progress import ProgressHook, no_progress
+from ..quantized import QuantizedCache
 
 
 @dataclass
 class Prefill:
     """A cache ready for decoding, plus what the method kept."""
 
-    cache: KVCache
+    cache: KVCache | QuantizedCache
     next_position: int  # RoPE position of the first generated token
     last_logits: torch.Tensor  # (1, vocab) float32 logits for the first generated token
     kept_context: torch.Tensor | None = None  # indices into the layout's context tokens, ascending
@@ -40,8 +41,8 @@ class Prefill:
 class Method:
     """Base of every method's settings dataclass: the facts callers ask instead of comparing names.
 
-    `kv_bits` (8, 4 or 2) quantizes the cache each method hands to decoding, KIVI's way (longdoc/quantized.py);
-    it is keyword-only, so it follows each method's own fields.
+    `kv_bits` (8, 4 or 2) quantizes the cache each method hands to decoding, KIVI's way (longdoc/quantized.py),
+    and a reusable method's reading (`read`); it is keyword-only, so it follows each method's own fields.
     """
 
     kv_bits: int | None = field(default=None, kw_only=True)
@@ -54,7 +55,11 @@ class Method:
     budget_option: ClassVar[str | None] = None  # the field that sets its token budget (bench's --top-k)
 
     def prefill(
-        self, arch: Arch, layout, progress: ProgressHook = no_progress, reading: KVCache | None = None
+        self,
+        arch: Arch,
+        layout,
+        progress: ProgressHook = no_progress,
+        reading: KVCache | QuantizedCache | None = None,
     ) -> Prefill:
         """The cache for decoding and what was kept. `reading`, for reusable methods, is a cache of the prompt's
         first `layout.reading_len` tokens that the method may append to (a fork or lease of a reading, never the
@@ -63,13 +68,22 @@ class Method:
 
     def read(
         self, arch: Arch, input_ids: torch.Tensor, progress: ProgressHook = no_progress, capacity: int = 0
-    ) -> KVCache:
+    ) -> KVCache | QuantizedCache:
         """The question-independent work on [prefix | document] (1, L) as a KVCache of `capacity` rows (reusable
-        methods): `extend` from nothing."""
+        methods): `extend` from nothing.
+
+        With `kv_bits` the reading is quantized (KIVI, layer by layer, each full-precision layer freed once its codes
+        exist) and a question's rows attend to it dequantized. A prefill without a reading computes its document
+        part through this too, so a one-shot answer and a follow-up on a stored or saved reading are the same
+        computation: the price is that a one-shot answer's question attends to the quantized document, not to the
+        full-precision one (README, kv_bits).
+        """
         cache = KVCache(arch.num_layers, capacity=capacity)
         if input_ids.shape[1]:
             self.extend(arch, cache, input_ids, progress)
-        return cache
+        if self.kv_bits is None:
+            return cache
+        return QuantizedCache(cache, self.kv_bits, decoding=False, free=True)
 
     def extend(self, arch: Arch, cache: KVCache, input_ids: torch.Tensor, progress: ProgressHook = no_progress) -> None:
         """Add the work on `input_ids`, the tokens after those `cache` holds (reusable methods)."""

@@ -10,6 +10,7 @@ from ..arch import Arch
 from ..cache import KVCache
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
+from ..quantized import QuantizedCache
 from .base import Method, Prefill, run_model
 
 
@@ -36,14 +37,18 @@ class Full(Method):
         run_model(arch, input_ids, _positions(start, input_ids, arch), cache, self.prefill_chunk, progress, "reading")
 
     def prefill(
-        self, arch: Arch, layout, progress: ProgressHook = no_progress, reading: KVCache | None = None
+        self,
+        arch: Arch,
+        layout,
+        progress: ProgressHook = no_progress,
+        reading: KVCache | QuantizedCache | None = None,
     ) -> Prefill:
         n, split = len(layout), layout.reading_len
         arch.check_span(n)
         input_ids = layout.input_ids(arch.device)
         if reading is not None:
             cache = reading  # the caller's own lease of the reading: appending to it leaves the reading whole
-        else:
+        else:  # the document part as a reading (quantized with kv_bits), so this equals a follow-up on one
             cache = self.read(arch, input_ids[:, :split], progress, capacity=n)
         rest = input_ids[:, split:]
         logits = run_model(arch, rest, _positions(split, rest, arch), cache, self.prefill_chunk, progress)

@@ -22,6 +22,7 @@ from ..arch import Arch
 from ..cache import KVCache
 from ..errors import LongDocError
 from ..progress import ProgressHook, no_progress
+from ..quantized import QuantizedCache
 from ..scores import causal_window_probs
 from .base import Method, Prefill, reread_kept, strongest
 
@@ -111,7 +112,11 @@ class GemFilter(Method):
 
     @torch.inference_mode()
     def prefill(
-        self, arch: Arch, layout, progress: ProgressHook = no_progress, reading: KVCache | None = None
+        self,
+        arch: Arch,
+        layout,
+        progress: ProgressHook = no_progress,
+        reading: KVCache | QuantizedCache | None = None,
     ) -> Prefill:
         layer, why = self.resolve_layer(arch)
         n, split = len(layout), layout.reading_len
@@ -133,7 +138,7 @@ class GemFilter(Method):
         input_ids: torch.Tensor,
         split: int,
         layer: int,
-        reading: KVCache | None = None,
+        reading: KVCache | QuantizedCache | None = None,
         progress: ProgressHook = no_progress,
     ) -> tuple[torch.Tensor, int | None]:
         """Pooled selection score of every prompt token at `layer`, (n,) float32; and the query rows if capped.
@@ -141,8 +146,11 @@ class GemFilter(Method):
         Rows [0, split) are the document's part (a reading's, when given) and [split, n) the question's,
         each cut into chunks from its own start. Layer by layer, so without a reading only one layer's keys
         and values, the hidden states and one chunk's activations are alive; no n x n scores are formed.
+        With `kv_bits` the document's part is always a (quantized) reading, as a follow-up's is (see `read`).
         """
         n = input_ids.shape[1]
+        if reading is None and self.kv_bits is not None:
+            reading = self.read(arch, input_ids[:, :split], progress)
         first = split if reading is not None else 0  # the rows computed here
         hidden = arch.embed(input_ids[:, first:])
         rows = arch.rotary(hidden, torch.arange(first, n, device=hidden.device)[None])
