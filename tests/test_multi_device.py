@@ -28,7 +28,7 @@ from longdoc.generate import step
 from longdoc.methods import Full, GemFilter
 from longdoc.model import check_device_map, load_model
 from longdoc.progress import no_progress
-from longdoc.quantized import quantized
+from longdoc.quantized import QuantizedCache, quantized
 from longdoc.reading import ROOM, ReadingCache, ReadingStore
 
 CPU, META = torch.device("cpu"), torch.device("meta")
@@ -176,6 +176,31 @@ def test_readings_are_kept_and_leased_on_each_layers_device(tiny_model_dirs, met
     lease = reading.cache.lease(doc.arch.layer_devices)
     assert lease.keys[0] is reading.cache.cache.keys[0]  # on its devices already: shared, not copied
     reading.cache.release()
+
+
+def test_quantized_readings_are_kept_and_leased_on_each_layers_device(tiny_model_dirs):
+    method = Full(prefill_chunk=37, kv_bits=4)
+    doc = tail_on_meta(tiny_model_dirs["llama"], method)
+    reading = doc.read(CONTEXT * 3)  # long enough for whole quantized groups
+    held = reading.cache.cache
+    assert held.devices() == [CPU, CPU, META, META]
+    assert [layer.key_codes.device for layer in held.layers] == [CPU, CPU, META, META]
+    assert doc.reading_bytes_by_device(method, reading.tokens) == reading.cache.nbytes_by_device()
+    lease = reading.cache.lease(doc.arch.layer_devices)
+    assert lease.devices() == [CPU, CPU, META, META] and lease.nbytes() == held.nbytes()
+    host = KVCache(4)
+    for i in range(4):
+        host.update(torch.randn(1, 2, 300, 8), torch.randn(1, 2, 300, 8), i)
+    in_host = QuantizedCache(host, 4, decoding=False)  # a quantized reading held in host memory
+    leased = in_host.lease([CPU, CPU, META, META], ROOM)
+    assert (
+        leased.devices() == [CPU, CPU, META, META]
+        and leased.nbytes_by_device()["meta"] == 2 * in_host.layers[0].nbytes()
+    )
+    assert (
+        leased.update(torch.randn(1, 2, 1, 8, device=META), torch.randn(1, 2, 1, 8, device=META), 3)[0].device == META
+    )
+    assert in_host.to([CPU, CPU, META, META]).devices() == [CPU, CPU, META, META]
 
 
 def test_caches_move_and_stream_to_a_device_per_layer():
