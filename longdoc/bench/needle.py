@@ -104,20 +104,24 @@ class Haystacks:
         depth: float | None = None,
         passkey: bool = False,
         together: bool = False,
+        keys: list[str] | None = None,
+        values: list[str] | None = None,
     ) -> NeedleSample:
         """A haystack of about `tokens` tokens (needles included) with `needles` needles.
 
         The question asks about one needle; `depth` (0..1) places that one, the others are random, or
         with `together` right beside it (the hardest distractors: their surroundings are the same text).
-        A passkey sample has one needle and the pass-key question.
+        A passkey sample has one needle and the pass-key question. `keys` and `values` (one per needle) replace
+        the drawn ones: a training script asks with keys from an open vocabulary and values of any length.
         """
-        values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in range(needles)]
+        if values is None:
+            values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in range(needles)]
         if passkey:
             needles = 1
             sentences = [PASSKEY_NEEDLE.format(value=values[0])]
             keys = [None]
         else:
-            keys = rng.sample(KEYS, needles)
+            keys = rng.sample(KEYS, needles) if keys is None else list(keys)
             sentences = [NEEDLE.format(key=k, value=v) for k, v in zip(keys, values, strict=True)]
         needle_tokens = sum(len(self.tokenizer(s, add_special_tokens=False)["input_ids"]) + 1 for s in sentences)
         hay = self.cut(rng, max(8, tokens - needle_tokens))

@@ -1,0 +1,304 @@
+"""Train needle-small: a 12-layer Llama whose prompt's last token retrieves (GemFilter's premise), any key.
+
+One command on one GPU (5 minutes of training, 5.5 in all, on an H200), fixed seeds:
+
+    python scripts/train_needle_small.py --books ../shared/corpus/books --out examples/models/needle-small
+
+What differs from needle-tiny (scripts/train_needle_model.py, whose tokenizer, template and curriculum it reuses):
+- The answer starts with the value (`{value}.`), so the prompt's last token (the assistant header's newline)
+  must find the needle: that is where GemFilter and HOMER read attention. needle-tiny answers
+  `The special magic number for {key} is: {value}.`, and its attention maps show why its last prompt token
+  never looks at the needle: it predicts `The`; even after that prefix, `is:` predicts the space token
+  (digits are split from it) and only that space's query finds the needle (layer 5, head 0, all of its
+  attention), one token after any prompt ending in the prefix.
+- Half of the follow-up answers come after RULER's answer prefix given in the prompt
+  (`The special magic number for {key} is: `, no loss on it): the induction copy that small models learn
+  easily, which builds the needle-side key representation the value-first lookup also matches against.
+- Keys from an open vocabulary: words of the training books (one word, two words, or hyphenated), never
+  the bench's KEYS, so every bench key is unseen; values of 3-10 digits (7 most often).
+- The first digit's loss (the lookup) weighs --first-weight (2); the rest of the value copies on from it.
+- 12 layers: HOMER's tree gets 2^(12 - 4 warm-up) chunks before levels share layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_needle_model import (  # noqa: E402
+    ADVANCE_AT,
+    HOLD_FRACTION,
+    HOLD_STAGES,
+    MATCH_AT,
+    STAGES,
+    TOGETHER,
+    WINDOW,
+    follow_up_ids,
+    train_tokenizer,
+)
+
+from longdoc.bench.needle import KEYS, PASSKEY_QUESTION, QUESTION, Haystacks, load_books  # noqa: E402
+from longdoc.prompt import build_layout  # noqa: E402
+
+ANSWER_PREFIX = "The special magic number for {key} is: "  # RULER's, as the prompt's end in some follow-ups
+PREFIXED = 0.5  # share of follow-up answers asked with the answer prefix in the prompt
+LM_WEIGHT = 0.1  # loss weight of the haystack's book text (plain language modelling)
+PASSKEY = 0.1
+
+
+class Example(NamedTuple):
+    ids: list[int]
+    weights: list[float]  # weights[j]: loss weight of token j as a target (predicted at j - 1)
+    first: tuple[int, int]  # token span of the evaluated (first) answer, value-first, with <|end|>
+    single: bool  # one needle or the pass key: no key matching
+
+
+def key_words(books: dict[str, str]) -> list[str]:
+    """Open key vocabulary: lower-case words of the training books seen 3+ times, minus the bench's KEYS.
+
+    The 300 commonest words are left out (keys like `the` are no names); KEYS stay unseen for evaluation.
+    """
+    counts = Counter(w for text in books.values() for w in re.findall(r"\b[a-z]{3,12}\b", text))
+    common = {w for w, _ in counts.most_common(300)}
+    return sorted(w for w, n in counts.items() if n >= 3 and w not in common and w not in set(KEYS))
+
+
+def random_key(rng: random.Random, words: list[str]) -> str:
+    """One word (60 %), two words (30 %) or a hyphenated pair (10 %)."""
+    roll = rng.random()
+    if roll < 0.6:
+        return rng.choice(words)
+    return f"{rng.choice(words)}{' ' if roll < 0.9 else '-'}{rng.choice(words)}"
+
+
+def random_value(rng: random.Random) -> str:
+    """3-10 digits, 7 (the bench's) most often; no leading zero."""
+    digits = rng.choice([7, 7, 7, 3, 4, 5, 6, 8, 9, 10])
+    return str(rng.randrange(10 ** (digits - 1), 10**digits))
+
+
+def make_example(
+    hay: Haystacks, tokenizer, rng: random.Random, length: int, words: list[str], first_weight: float = 2.0
+) -> Example:
+    """A prompt in longdoc's layout, its value-first answer, then a follow-up turn about each other needle."""
+    passkey = rng.random() < PASSKEY
+    needles = 1 if passkey else rng.choice((1, 2, 3, 4, 5, 6, 8))
+    keys: list[str] = []
+    while len(keys) < needles:  # distinct keys, and none inside another (the question would be ambiguous)
+        key = random_key(rng, words)
+        if all(key not in k and k not in key for k in keys):
+            keys.append(key)
+    values = [random_value(rng) for _ in range(needles)]
+    sample = hay.sample(
+        rng, length, needles=needles, passkey=passkey, together=rng.random() < TOGETHER, keys=keys, values=values
+    )
+    layout = build_layout(tokenizer, sample.context, sample.question)
+    ids = layout.prefix_ids + layout.context_ids + layout.suffix_ids
+    weights = [0.0] * layout.prefix_len + [LM_WEIGHT] * layout.context_len + [0.0] * layout.suffix_len
+    weights[layout.prefix_len] = 0.0  # the first context token has no text before it to predict from
+
+    def extend(piece: list[int], weight: float) -> None:
+        ids.extend(piece)
+        weights.extend([weight] * len(piece))
+
+    def add_answer(value: str) -> tuple[int, int]:
+        start = len(ids)
+        extend(tokenizer(f"{value}.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id], 1.0)
+        weights[start] = first_weight
+        return start, len(ids)
+
+    first = add_answer(sample.value)
+    for i in rng.sample([i for i in range(needles) if i != sample.target], needles - 1):
+        extend(follow_up_ids(tokenizer, QUESTION.format(key=keys[i])), 0.0)
+        if rng.random() < PREFIXED:
+            extend(tokenizer(ANSWER_PREFIX.format(key=keys[i]), add_special_tokens=False)["input_ids"], 0.0)
+        add_answer(values[i])
+    assert passkey == (sample.question == PASSKEY_QUESTION)
+    return Example(ids, weights, first, needles == 1)
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Endless batches for the current curriculum stage (shared with the workers)."""
+
+    def __init__(self, books, tokenizer, stage, tokens_per_batch: int, seed: int, words, first_weight: float) -> None:
+        self.books, self.tokenizer, self.stage, self.words = books, tokenizer, stage, words
+        self.first_weight = first_weight
+        self.tokens_per_batch, self.seed = tokens_per_batch, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(self.seed * 1000 + (info.id if info else 0))
+        hay = Haystacks(self.books, self.tokenizer)
+        while True:
+            stage = self.stage.value
+            top = STAGES[stage]
+            # One haystack length per batch, half the stage's own, half shorter (earlier lengths not forgotten);
+            # rows are added while the padded batch stays within the token budget.
+            length = top if rng.random() < 0.5 else rng.randint(64, top)
+            rows, width = [], 0
+            while True:
+                row = make_example(hay, self.tokenizer, rng, length, self.words, self.first_weight)
+                if rows and (len(rows) + 1) * max(width, len(row.ids)) > self.tokens_per_batch:
+                    break
+                rows.append(row)
+                width = max(width, len(row.ids))
+            if width > WINDOW:
+                raise RuntimeError(f"an example of {width} tokens does not fit the {WINDOW}-token window")
+            ids = torch.zeros(len(rows), width, dtype=torch.long)
+            weight = torch.zeros(len(rows), width)
+            answer = torch.zeros(len(rows), width, dtype=torch.bool)
+            for i, row in enumerate(rows):
+                ids[i, : len(row.ids)] = torch.tensor(row.ids)
+                weight[i, : len(row.ids)] = torch.tensor(row.weights)
+                answer[i, row.first[0] : row.first[1]] = True
+            single = torch.tensor([row.single for row in rows])
+            # Targets are shifted by one: position j predicts token j + 1.
+            yield ids, weight[:, 1:], answer[:, 1:], single, stage
+
+
+def build_model(tokenizer, args) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden,
+        intermediate_size=args.ff,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=64,
+        max_position_embeddings=WINDOW,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.02,
+    )
+    return LlamaForCausalLM(config)
+
+
+def train(args) -> None:
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    books = load_books(args.books, held_out=False)
+    words = key_words(books)
+    print(f"training books ({len(books)}): {', '.join(books)}; {len(words)} key words", flush=True)
+    train_tokenizer(books, args.vocab).save_pretrained(out)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+    model = build_model(tokenizer, args).to(device)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M on {device}", flush=True)
+
+    stage = torch.multiprocessing.Value("i", 0)
+    data = Batches(books, tokenizer, stage, args.batch_tokens, args.seed, words, args.first_weight)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=None,
+        num_workers=args.workers,
+        prefetch_factor=4 if args.workers else None,
+        persistent_workers=args.workers > 0,
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    start, ema, copy_ema, match_ema, stage_steps, step = time.time(), 0.0, 0.0, 0.0, 0, 0
+    log = []
+    budget = args.minutes * 60
+    for ids, weight, answer, single, batch_stage in loader:
+        elapsed = time.time() - start
+        if elapsed > budget or (args.steps and step >= args.steps):
+            break
+        if batch_stage != stage.value:
+            continue  # made before the stage advanced
+        ids, weight, answer, single = ids.to(device), weight.to(device), answer.to(device), single.to(device)
+        frac = elapsed / budget  # warm-up, constant, cosine decay over the last 25 % of the time budget
+        lr = (
+            args.lr
+            * min(1.0, (step + 1) / 200)
+            * (1.0 if frac < 0.75 else 0.5 * (1 + math.cos(math.pi * (frac - 0.75) / 0.25)))
+        )
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = model(input_ids=ids[:, :-1]).logits
+        loss_each = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+        loss = (loss_each * weight).sum() / weight.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            hit = ((logits.argmax(-1) == ids[:, 1:]) | ~answer).all(1).float()
+            acc = hit.mean().item()
+            copy_acc = hit[single].mean().item() if single.any() else copy_ema
+            match_acc = hit[~single].mean().item() if (~single).any() else match_ema
+            text = weight == LM_WEIGHT
+            lm_loss = (loss_each * text).sum().item() / max(1, text.sum().item())
+        ema = 0.95 * ema + 0.05 * acc
+        copy_ema = 0.95 * copy_ema + 0.05 * copy_acc
+        match_ema = 0.95 * match_ema + 0.05 * match_acc
+        stage_steps += 1
+        step += 1
+        matched = match_ema > MATCH_AT or stage.value >= HOLD_STAGES or elapsed > HOLD_FRACTION * budget
+        if copy_ema > ADVANCE_AT and matched and stage_steps > 150 and stage.value < len(STAGES) - 1:
+            stage.value += 1
+            print(f"step {step}: stage -> {STAGES[stage.value]} tokens at {elapsed:.0f}s", flush=True)
+            copy_ema, stage_steps = 0.0, 0
+        if step % args.log_every == 0:
+            entry = dict(
+                step=step,
+                seconds=round(elapsed),
+                stage=STAGES[stage.value],
+                loss=round(loss.item(), 4),
+                text_loss=round(lm_loss, 3),
+                answer_acc=round(ema, 3),
+                single_acc=round(copy_ema, 3),
+                distractor_acc=round(match_ema, 3),
+                lr=round(lr, 6),
+            )
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    model.generation_config.save_pretrained(out)
+    (out / "training_log.json").write_text(json.dumps(dict(args=vars(args), steps=step, log=log), indent=1))
+    print(f"saved to {out} after {step} steps, {time.time() - start:.0f}s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--books", default="../shared/corpus/books")
+    parser.add_argument("--out", default="examples/models/needle-small")
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: the time budget only)")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ff", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=4, help="query heads of 64 dims")
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--first-weight", type=float, default=2.0, help="loss weight of the value's first digit")
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch-tokens", type=int, default=65536)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    train(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
