@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from longdoc import LongDoc  # noqa: E402
-from longdoc.bench.needle import Haystacks, is_correct, load_books  # noqa: E402
+from longdoc.bench.evaluate import needle_records  # noqa: E402
+from longdoc.bench.needle import Haystacks, load_books  # noqa: E402
 
 # GemFilter scoring: the paper's (last query token, raw logits, pool 5) and needle-tiny's model-card settings.
 PRESETS = {
@@ -31,28 +31,7 @@ PRESETS = {
 
 def records(doc: LongDoc, hay: Haystacks, *, length: int, needles: int, samples: int, passkey: bool = False):
     """Ask `samples` fresh haystacks (seeded by the cell, so every method gets the same ones); one dict each."""
-    rng = random.Random(f"0-{length}-{needles}-{passkey}-None")
-    out = []
-    for _ in range(samples):
-        sample = hay.sample(rng, length, needles=needles, passkey=passkey)
-        answer = doc.ask(sample.context, sample.question, max_new_tokens=32)
-        start, end = sample.needle_spans[sample.target]
-        ranks = [i for i, e in enumerate(answer.evidence) if e.start < end and start < e.end]
-        out.append(
-            dict(
-                length=length,
-                tokens_in=answer.stats.tokens_in,
-                needles=needles,
-                passkey=passkey,
-                depth=round(sample.depths[sample.target], 3),
-                correct=is_correct(answer.text, sample),
-                answer=answer.text,
-                expected=sample.value,
-                evidence_rank=ranks[0] if ranks else None,
-                evidence_spans=len(answer.evidence),
-            )
-        )
-    return out
+    return needle_records(doc, hay, length=length, needles=needles, samples=samples, passkey=passkey)
 
 
 def main() -> None:

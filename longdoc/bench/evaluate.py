@@ -37,6 +37,8 @@ def needle_records(
         depth = depth_list[i % len(depth_list)] if depth_list else None
         sample = haystacks.sample(rng, length, needles=needles, depth=depth, passkey=passkey)
         answer = doc.ask(sample.context, sample.question, max_new_tokens=max_new_tokens)
+        start, end = sample.needle_spans[sample.target]
+        ranks = [i for i, e in enumerate(answer.evidence) if e.start < end and start < e.end]
         records.append(
             dict(
                 method=label or doc.method.name,
@@ -50,6 +52,8 @@ def needle_records(
                 answer=answer.text,
                 expected=sample.value,
                 prefill_seconds=round(answer.stats.prefill_seconds, 4),
+                evidence_rank=ranks[0] if ranks else None,  # the asked needle among the evidence spans (0: strongest)
+                evidence_spans=len(answer.evidence),
             )
         )
     return records
