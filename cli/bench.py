@@ -256,7 +256,7 @@ def speed(
     decode_tokens: int = typer.Option(32, help="Tokens decoded to measure decode speed (at least 3)."),
     graph: bool = typer.Option(True, help="Decode with a CUDA graph (--no-graph: the eager loop)."),
     compile: bool = typer.Option(
-        False, "--compile", help="Capture the torch.compile'd decode step (about a minute to compile per cache size)."
+        False, "--compile", help="Capture the torch.compile'd decode step (~half a minute to compile per cache size)."
     ),
     reference: bool = typer.Option(
         True, help="Also time transformers' own forward and model.generate at each length (row 'transformers')."

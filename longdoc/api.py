@@ -128,7 +128,7 @@ class LongDoc:
             log.info("the model runs on several devices: %s", self.arch.placement())
         if store is None:
             devices = list(dict.fromkeys(self.arch.layer_devices))  # where a reading's layers are held
-            device_bytes, host_bytes = default_budgets(devices, weight_bytes(model))
+            device_bytes, host_bytes = default_budgets(devices, weight_bytes_by_device(model))
             if readings_on_host:  # GPU memory for the model; readings stream in from host memory
                 freed = sum(n for where, n in device_bytes.items() if where != "cpu")
                 device_bytes = {where: n if where == "cpu" else 0 for where, n in device_bytes.items()}
@@ -167,7 +167,7 @@ class LongDoc:
         `readings_on_host` keeps readings in pinned host memory (GPU memory for the model and one question);
         a question then brings the reading's layers over as it uses them.
         `compile_decode` fuses the captured decode step with torch.compile on a GPU: faster tokens (H200, 8B:
-        see README) after a compilation of about a minute per cache size, worth it for long answers or many.
+        see README) after a compilation of about half a minute per cache size, worth it for long answers or many.
         """
         profile = load_profile(model)
         parse_method(method, configure(method, method_options, profile)[0])  # fail on bad options before loading
@@ -295,7 +295,13 @@ class LongDoc:
         if isinstance(method, Auto):  # saved as the method auto picked for this document (see read)
             method = method.pick(self.arch, len(self.layout(document.text, "?")))
         facts = self.facts(method, document)
-        cache = load_saved(Path(folder), facts, method, self.arch.num_layers, self.arch.layer_devices)
+        try:
+            cache = load_saved(Path(folder), facts, method, self.arch.num_layers, self.arch.layer_devices)
+        except torch.OutOfMemoryError:
+            raise LongDocError(
+                f"out of GPU memory while loading the saved reading in {folder}; free GPU memory or load the model on "
+                "another device"
+            ) from None
         self.store.add(cache)
         return Reading(self, method, document, cache)
 
@@ -342,7 +348,7 @@ class LongDoc:
         elif isinstance(own, Auto) and method is own.pick(self.arch, len(layout)):  # a reading auto picked for
             notes.append(own.why(self.arch, len(layout)))
         if not layout.context_len:  # nothing to compress: every method's prefill is the plain one
-            method, notes = Full(), ["no context: plain prefill of the question"]
+            method, notes = Full(kv_bits=method.kv_bits), ["no context: plain prefill of the question"]
         self._check_window(method, len(layout))
         head = layout.token_ids()[: layout.reading_len]
         with Measure(self.arch.devices) as measure:
@@ -547,7 +553,7 @@ def as_document(source) -> Document:
     raise LongDocError("read() takes text, a Document, a path, or a list of paths or Documents")
 
 
-def weight_bytes(model) -> dict[str, int]:
+def weight_bytes_by_device(model) -> dict[str, int]:
     """Bytes of the model's weights on each device; weights offloaded to host memory (meta here) are not counted."""
     by_device: dict[str, int] = {}
     for param in model.parameters():

@@ -125,10 +125,25 @@ def compiled_step() -> Callable:
 
     The captured eager step is some 40 kernels a layer, most of them small elementwise ones (norms, rotary,
     SiLU, residual adds) whose launch gaps cost more than the weights' read on a GPU; Inductor fuses them into
-    a few per layer, and the graph then replays those. Compiling takes about a minute for an 8B model
+    a few per layer, and the graph then replays those. Compiling takes about half a minute for an 8B model
     (H200), so it is asked for (`compile_decode`), not the default.
     """
     return torch.compile(decode_step, dynamic=False)
+
+
+COMPILED_CAPACITIES: set[int] = set()  # cache capacities the compiled step has been compiled for, in this process
+
+
+def compile_refusal(capacity: int) -> str | None:
+    """Why the compiled step cannot serve a cache of `capacity` slots, or None when it can.
+
+    torch.compile compiles the step again for each capacity, up to its `recompile_limit` (8), and past that runs
+    it uncompiled without a word; here that case replays the plain graph instead, and says so.
+    """
+    limit = torch._dynamo.config.recompile_limit
+    if capacity in COMPILED_CAPACITIES or len(COMPILED_CAPACITIES) < limit:
+        return None
+    return f"compile_decode: {limit} cache sizes are compiled already in this process (torch's recompile_limit)"
 
 
 class StaticDecoder:
@@ -146,6 +161,8 @@ class StaticDecoder:
         self.step_function = compiled_step() if compile else decode_step
         self.filled = cache.seq_length()
         self.cache = StaticCache(cache, static_capacity(self.filled + max_steps, coarse=compile))
+        if compile:
+            COMPILED_CAPACITIES.add(self.cache.capacity)
         device = arch.device
         self.next_position = next_position
         self.input_ids = torch.zeros(1, 1, dtype=torch.long, device=device)

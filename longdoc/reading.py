@@ -48,7 +48,7 @@ class ReadingCache:
     cache: KVCache | QuantizedCache | None  # None for methods that recompute per question; quantized with kv_bits
     seconds: float = 0.0  # time it took to read
     extended_from: int = 0  # tokens taken from an earlier reading (0: read from the start)
-    in_use: bool = field(default=False, repr=False)
+    leases: int = field(default=0, repr=False)  # questions over it not finished yet: the store leaves it in place
 
     @property
     def length(self) -> int:
@@ -64,13 +64,14 @@ class ReadingCache:
         return self.cache.nbytes() if self.cache is not None else 0
 
     @property
+    def in_use(self) -> bool:
+        return self.leases > 0
+
+    @property
     def device(self) -> str:
-        """Where the reading is held: "cuda", "cpu" or "none" (the first layer's; a split model's are all GPUs)."""
-        if self.cache is None or not self.cache.filled(0):
-            return "none"
-        if isinstance(self.cache, QuantizedCache):
-            return self.cache.device.type
-        return self.cache.layer(0)[0].device.type
+        """Where the reading is held: "cuda", "cpu" or "none" (its first layer's)."""
+        held = [d for d in self.cache.devices() if d is not None] if self.cache is not None else []
+        return held[0].type if held else "none"
 
     def nbytes_by_device(self) -> dict[str, int]:
         return self.cache.nbytes_by_device() if self.cache is not None else {}
@@ -81,23 +82,24 @@ class ReadingCache:
     def lease(self, device: Devices) -> KVCache | QuantizedCache | None:
         """A cache one question may append to, each layer on `device` (one for all, or the model's device per
         layer). The first lease shares the buffers; one taken while another is out (an unfinished stream) is a
-        copy, so two questions never write the same rows."""
+        copy, so two questions never write the same rows. Each lease is handed back with `release`."""
         if self.cache is None:
             return None
         wanted = [torch.device(d) for d in per_layer(device, self.cache.num_layers)]
+        shared = not self.in_use
+        self.leases += 1
         if isinstance(self.cache, QuantizedCache):  # codes are never written: every lease shares them, own tails
             return self.cache.lease(wanted, ROOM)
         held = self.cache.devices()
         home = all(h is None or same_device(h, w) for h, w in zip(held, wanted, strict=True))
         if not home and all(h is None or h.type == "cpu" for h in held):  # in host memory: layers come as used
             return HostBackedCache(self.cache, wanted, ROOM)
-        if self.in_use or not home:
+        if not shared or not home:
             return self.cache.to(wanted, room=ROOM)
-        self.in_use = True
         return self.cache.fork()
 
     def release(self) -> None:
-        self.in_use = False
+        self.leases = max(0, self.leases - 1)
 
     def to(self, device: torch.device | str) -> None:
         """Move the cache (host memory is pinned on a GPU machine, so a later copy back is fast)."""
@@ -323,10 +325,13 @@ def _quantized_cache(
     for i in range(num_layers):
         if f"tail_keys.{i}" not in tensors:
             continue
+        names = (*PARTS, "tail_keys", "tail_values")
+        if any(f"{name}.{i}" not in tensors for name in names):
+            raise LongDocError(f"the saved reading in {folder} is damaged (layer {i}); read it again")
+        parts = {name: tensors[f"{name}.{i}"].to(devices[i]) for name in names}  # out of memory: the caller says so
         try:
-            parts = {name: tensors[f"{name}.{i}"].to(devices[i]) for name in (*PARTS, "tail_keys", "tail_values")}
             layer = QuantizedLayer.from_tensors(parts, bits)
-        except (KeyError, ValueError, RuntimeError):
+        except (ValueError, RuntimeError):
             layer = None
         if layer is None or layer.length != tokens:
             raise LongDocError(f"the saved reading in {folder} is damaged (layer {i}); read it again")

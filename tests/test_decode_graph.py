@@ -63,6 +63,16 @@ def test_coarse_capacities_are_few_and_at_most_a_quarter_larger():
     assert static_capacity(4000, coarse=True) == static_capacity(4090, coarse=True)
 
 
+def test_past_torchs_recompile_limit_the_compiled_step_is_refused_not_silently_uncompiled(monkeypatch):
+    import longdoc.decode_graph as decode_graph
+
+    monkeypatch.setattr(decode_graph, "COMPILED_CAPACITIES", {1024 * (i + 1) for i in range(8)})
+    assert decode_graph.compile_refusal(2048) is None  # compiled already: reused
+    assert "8 cache sizes are compiled already" in decode_graph.compile_refusal(1536)
+    monkeypatch.setattr(decode_graph, "COMPILED_CAPACITIES", set())
+    assert decode_graph.compile_refusal(1536) is None
+
+
 @pytest.mark.parametrize("filled", [1, 256 + 7, 3 * 256])
 def test_split_kv_join_equals_one_masked_softmax(filled):
     """Pieces joined by log-sum-exps equal one softmax over the buffer, also with whole pieces masked."""

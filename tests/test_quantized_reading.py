@@ -181,3 +181,29 @@ def test_a_grown_chat_reads_a_quantized_reading_again(tiny_model_dirs):
     second = doc.ask_prompt(turn2, max_new_tokens=8)
     assert (first.stats.reading, second.stats.reading) == ("read", "read")
     assert second.text == load(path, method).ask_prompt(turn2, max_new_tokens=8).text
+
+
+def test_every_lease_counts_until_released_and_a_load_out_of_memory_says_so(tiny_model_dirs, tmp_path, monkeypatch):
+    """The store leaves a reading in place while any question over it streams, quantized or not; running out of
+    memory while loading a saved reading is the library's one-line error, not 'damaged'."""
+    import longdoc.api as api
+
+    path = tiny_model_dirs["llama"]
+    for method in (Full(), Full(kv_bits=4)):
+        doc = load(path, method)
+        reading = doc.read(CONTEXT)
+        held = reading.cache
+        first, second = held.lease("cpu"), held.lease("cpu")
+        assert first is not None and second is not None and held.leases == 2
+        held.release()
+        assert held.in_use
+        held.release()
+        assert not held.in_use
+    reading.save(tmp_path / "r")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(api, "load_saved", out_of_memory)
+    with pytest.raises(LongDocError, match="out of GPU memory while loading the saved reading"):
+        doc.load_reading(tmp_path / "r", method=Full(kv_bits=4))

@@ -263,6 +263,7 @@ def reading_records(
                     for layout in layouts[1:]:
                         with Measure(dev) as measure:
                             method.prefill(arch, layout, reading=held.lease(dev))
+                        held.release()
                         from_host.append(measure.seconds)
                     del held
                 with tempfile.TemporaryDirectory(dir=folder) as tmp:
