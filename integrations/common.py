@@ -28,8 +28,22 @@ LONG_CONTEXT = 1 << 20  # homer and rag read past the trained window; memory, no
 
 # Generation options by the names the frameworks and the HF wrappers use -> longdoc's names.
 GENERATE_KEYS = ("max_new_tokens", "max_tokens", "temperature", "top_p", "do_sample", "seed", "stop", "stop_strings")
+# The wrappers' fields that say how to load the model: with an already loaded `engine=` they cannot apply.
+LOADING = ("device", "device_map", "dtype", "attn_implementation", "trust_remote_code", "model_kwargs")
 # model_kwargs as the HF wrappers take them -> longdoc's loading options.
 MODEL_KEYS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code", "device_map", "quantization_config")
+
+
+def loading_fields(wrapper: Any) -> dict:
+    """A wrapper's loading fields by name (model_kwargs apart: `load_options` reads them on their own)."""
+    return {name: getattr(wrapper, name) for name in LOADING if name != "model_kwargs"}
+
+
+def check_engine_or_loading(engine: LongDoc | None, fields_set: set[str]) -> None:
+    """A wrapper gets a loaded `engine=` or loading fields, not both: they could not apply to a loaded model."""
+    loading = sorted(set(LOADING) & fields_set)
+    if engine is not None and loading:
+        raise LongDocError(f"engine= is loaded; {', '.join(loading)} cannot change it: give one or the other")
 
 
 # ----- loading and sharing -----

@@ -50,9 +50,11 @@ from .common import (
     Sources,
     answer_stats,
     as_document,
+    check_engine_or_loading,
     engine_for,
     generation_options,
     load_options,
+    loading_fields,
     place_evidence,
     release_memory,
     renamed,
@@ -62,30 +64,20 @@ from .common import (
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 CALL_OPTIONS = ("model", "max_tokens", "max_new_tokens", "temperature", "top_p", "seed", "do_sample")
 ALIASES = {"max_new_tokens": "max_tokens"}
-LOADING = ("device", "device_map", "dtype", "attn_implementation", "trust_remote_code", "model_kwargs")
 
 
 class _LongDocFields:
     """Fields and helpers shared by the chat model and the text LLM (pydantic fields are declared on each)."""
 
     def _setup(self) -> None:
-        loading = sorted(set(LOADING) & self.model_fields_set)
-        if self.engine is not None and loading:
-            raise LongDocError(f"engine= is loaded; {', '.join(loading)} cannot change it: give one or the other")
+        check_engine_or_loading(self.engine, self.model_fields_set)
         base = self.engine or self._load(self.model)
         self._base = base
         method = self.method if self.engine is None or "method" in self.model_fields_set else self.engine.method
         self._doc = engine_for(base, method, self.method_options, self.system_prompt or base.system_prompt)
 
     def _load(self, model: str) -> LongDoc:
-        fields = dict(
-            device=self.device,
-            dtype=self.dtype,
-            attn_implementation=self.attn_implementation,
-            trust_remote_code=self.trust_remote_code,
-            device_map=self.device_map,
-        )
-        return shared_model(load_options(model, fields, self.model_kwargs))
+        return shared_model(load_options(model, loading_fields(self), self.model_kwargs))
 
     def _engine(self, kwargs: dict) -> tuple[LongDoc, str]:
         """This object's engine, or another model's for a per-call `model=` (loaded with the same options)."""

@@ -55,10 +55,12 @@ from .common import (
     Sources,
     answer_stats,
     as_document,
+    check_engine_or_loading,
     context_window,
     engine_for,
     generation_options,
     load_options,
+    loading_fields,
     place_evidence,
     release_memory,
     renamed,
@@ -68,7 +70,6 @@ from .common import (
 dispatcher = get_dispatcher(__name__)
 ALIASES = {"num_output": "max_new_tokens", "max_tokens": "max_new_tokens"}
 CALL_OPTIONS = ("max_new_tokens", "max_tokens", "temperature", "top_p", "seed", "stop", "do_sample")
-LOADING = ("device", "device_map", "dtype", "attn_implementation", "trust_remote_code", "model_kwargs")
 SAFETY = 0.9  # LlamaIndex counts with another tokenizer: leave room for the difference
 # English prose, to compare LlamaIndex's token counts with the model's own (window in LlamaIndex's units).
 REFERENCE_TEXT = (
@@ -104,15 +105,10 @@ class LongDocLLM(CustomLLM):
 
     def __init__(self, engine: LongDoc | None = None, **kwargs: Any) -> None:
         super().__init__(**_check_arguments(type(self), kwargs))
-        loading = sorted(set(LOADING) & self.model_fields_set)
-        if engine is not None and loading:
-            raise LongDocError(f"engine= is loaded; {', '.join(loading)} cannot change it: give one or the other")
-        self._base = engine or shared_model(load_options(self.model, self._loading(), self.model_kwargs))
+        check_engine_or_loading(engine, self.model_fields_set)
+        self._base = engine or shared_model(load_options(self.model, loading_fields(self), self.model_kwargs))
         method = engine.method if engine is not None and "method" not in self.model_fields_set else self.method
         self._doc = engine_for(self._base, method, self.method_options, self._base.system_prompt)
-
-    def _loading(self) -> dict:
-        return {name: getattr(self, name) for name in LOADING if name != "model_kwargs"}
 
     @classmethod
     def class_name(cls) -> str:

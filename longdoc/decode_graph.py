@@ -151,18 +151,23 @@ class StaticDecoder:
 
     With `capture` (CUDA) the step is recorded once as a CUDA graph and replayed; without it the same
     tensor code runs eagerly (CPU tests, and the check that the two agree). With `compile` the step is
-    `compiled_step()`: the same tensor code with its elementwise kernels fused.
+    `compiled_step()`: the same tensor code with its elementwise kernels fused, unless `compile_refusal` says why
+    not (`refused`); then it is the plain step.
     """
 
     def __init__(
         self, arch: Arch, cache: KVCache, next_position: int, max_steps: int, capture: bool, compile: bool = False
     ) -> None:
         self.arch = arch
-        self.step_function = compiled_step() if compile else decode_step
         self.filled = cache.seq_length()
-        self.cache = StaticCache(cache, static_capacity(self.filled + max_steps, coarse=compile))
+        capacity = static_capacity(self.filled + max_steps, coarse=compile)
+        self.refused = compile_refusal(capacity) if compile else None
+        if self.refused is not None:
+            compile, capacity = False, static_capacity(self.filled + max_steps)
         if compile:
-            COMPILED_CAPACITIES.add(self.cache.capacity)
+            COMPILED_CAPACITIES.add(capacity)
+        self.step_function = compiled_step() if compile else decode_step
+        self.cache = StaticCache(cache, capacity)
         device = arch.device
         self.next_position = next_position
         self.input_ids = torch.zeros(1, 1, dtype=torch.long, device=device)

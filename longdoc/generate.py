@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .arch import Arch
-from .decode_graph import StaticDecoder, compile_refusal, static_capacity, unsupported_reason
+from .decode_graph import StaticDecoder, unsupported_reason
 from .errors import LongDocError
 from .methods.base import Prefill
 
@@ -74,16 +74,14 @@ def decoder(
     decoding eagerly is added to `notes` (the answer's stats).
     """
     reason = unsupported_reason(arch, prefilled.cache) if graph else "graph decoding turned off"
-    if reason is None and compile:
-        refusal = compile_refusal(static_capacity(prefilled.cache.seq_length() + max_steps, coarse=True))
-        if refusal is not None and notes is not None:
-            notes.append(f"{refusal}: this answer replays the uncompiled graph")
-        compile = refusal is None
     if reason is None:
         try:
-            return StaticDecoder(
+            decode = StaticDecoder(
                 arch, prefilled.cache, prefilled.next_position, max_steps, capture=True, compile=compile
             )
+            if decode.refused is not None and notes is not None:
+                notes.append(f"{decode.refused}: this answer replays the uncompiled graph")
+            return decode
         except (RuntimeError, torch.OutOfMemoryError) as exc:  # the eager loop still has the untouched cache
             reason = f"graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     if notes is not None and arch.device.type == "cuda":

@@ -282,11 +282,6 @@ class QuantizedCache:
             for i, layer in enumerate(self._held())
         ]
 
-    @property
-    def device(self) -> torch.device | None:
-        """The first filled layer's device."""
-        return next((d for d in self.devices() if d is not None), None)
-
     @torch.inference_mode()  # the tails were made in inference mode (the prefill's), so are written in it
     def for_decoding(self) -> QuantizedCache:
         """Hand a prompt-mode cache to decoding: quantize what KIVI would have (every whole group older than the
