@@ -18,11 +18,13 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .attention import NAME as ATTENTION
+from .attention import decode_attention
 from .errors import LongDocError
 
 # model_type -> how the attention projects queries and keys.
@@ -117,6 +119,46 @@ def weights_at_hand(module: nn.Module) -> Iterator[None]:
         yield
 
 
+class FusedLayer(NamedTuple):
+    """One decoder layer's input projections as single matrices: q|k|v rows, then gate|up rows."""
+
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+
+
+def plain_weights(*linears: nn.Linear) -> bool:
+    """Dense tensors of one dtype and device (not quantized parameter types, not offloaded meta tensors)."""
+    weights = [linear.weight for linear in linears]
+    return all(type(w.data) is torch.Tensor and w.device.type != "meta" for w in weights) and (
+        len({(w.dtype, w.device) for w in weights}) == 1
+    )
+
+
+@torch.no_grad()
+def share_storage(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One matrix of the linears' rows stacked, each linear's weight (and bias) re-pointed at its own rows of it.
+
+    The modules compute as before, from views; the stacked copy replaces the separate ones, so memory stays as it
+    was (one layer's worth more while it is made).
+    """
+    with torch.inference_mode(False):
+        weight = torch.cat([linear.weight for linear in linears])
+        biases = [linear.bias for linear in linears]
+        bias = torch.cat(biases) if all(b is not None for b in biases) else None
+        if any(b is not None for b in biases) and bias is None:
+            raise ValueError("some projections have a bias and some do not")
+        start = 0
+        for linear in linears:
+            rows = linear.weight.shape[0]
+            linear.weight.data = weight[start : start + rows]
+            if bias is not None:
+                linear.bias.data = bias[start : start + rows]
+            start += rows
+    return weight, bias
+
+
 def _placed(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(device) for t in tensors)
 
@@ -164,6 +206,7 @@ class Arch:
         self.rotary_device = module_device(self.decoder.rotary_emb)
         self.norm_device = module_device(self.decoder.norm)
         self.head_device = module_device(self.model.lm_head)
+        self._fused: list[FusedLayer] | None | bool = False  # not made yet (fused_layers)
 
     # ----- facts about the model -----
     @property
@@ -257,14 +300,22 @@ class Arch:
         mask.masked_fill_(kv_pos > q_pos, torch.finfo(dtype).min)
         return mask[None, None]
 
-    def run_layer(self, index: int, hidden, position_embeddings, cache=None, mask=None) -> torch.Tensor:
-        """Decoder layer `index` over `hidden`; every tensor given must already be on that layer's device."""
+    def run_layer(
+        self, index: int, hidden, position_embeddings, cache=None, mask=None, visible_keys=None
+    ) -> torch.Tensor:
+        """Decoder layer `index` over `hidden`; every tensor given must already be on that layer's device.
+
+        `visible_keys` reaches the attention function as a keyword (the model's attention modules pass their extra
+        keywords through): longdoc_sdpa then attends to that many slots of a static buffer (`forward`).
+        """
+        extra = {} if visible_keys is None else {"visible_keys": visible_keys}
         out = self.layers[index](
             hidden,
             attention_mask=mask,
             position_embeddings=position_embeddings,
             past_key_values=cache,
             use_cache=cache is not None,
+            **extra,
         )
         return out[0] if isinstance(out, tuple) else out
 
@@ -276,12 +327,14 @@ class Arch:
         layers: range | None = None,
         tap: Callable[[int, torch.Tensor], None] | None = None,
         mask: torch.Tensor | None = None,
+        visible_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run decoder `layers` (all by default) over `hidden` (1, q, d), the one loop every pass goes through.
 
         The new rows attend to what `cache` already holds at each layer, causally. `tap(i, layer_input)` is
         called before layer i runs, for passes that need a layer's queries (SnapKV, HOMER, calibration).
-        `mask` replaces the causal one (graph decoding hides a static buffer's unwritten slots with it).
+        `mask` replaces the causal one (graph decoding hides a static buffer's unwritten slots with it), and
+        `visible_keys`, a (1,) device tensor, says how many slots that is to longdoc_sdpa, which then reads no others.
 
         On a split model the hidden states move to each layer's device as the pass reaches it, and the position
         embeddings and mask once per device for the whole pass, not once per layer. The result is on the last
@@ -294,6 +347,7 @@ class Arch:
             mask = self.attention_mask(q_len, past + q_len, hidden.dtype, hidden.device)
         rows = PerDevice(tuple(position_embeddings))
         masks = PerDevice((mask,)) if mask is not None else None
+        visible = PerDevice((visible_keys,)) if visible_keys is not None else None
         for i in layers:
             device = self.layer_devices[i]
             if hidden.device != device:
@@ -301,8 +355,72 @@ class Arch:
             if tap is not None:
                 tap(i, hidden)
             layer_mask = masks(device)[0] if masks is not None else None
-            hidden = self.run_layer(i, hidden, rows(device), cache, layer_mask)
+            if visible is not None and self.fused_layers() is not None:
+                hidden = self.decode_layer(i, hidden, rows(device), cache, visible(device)[0])
+            else:
+                layer_visible = visible(device)[0] if visible is not None else None
+                hidden = self.run_layer(i, hidden, rows(device), cache, layer_mask, layer_visible)
         return hidden
+
+    def fused_layers(self) -> list[FusedLayer] | None:
+        """Every layer's q|k|v and gate|up as one matrix each, for `decode_layer`; None where decoding keeps the
+        model's own layers (another attention implementation, quantized or offloaded weights, a split model).
+
+        Made on first use by re-pointing the projections' weights at rows of one stacked matrix (`share_storage`):
+        the model computes as before, with no second copy of its weights. Why: one token's matrix products are
+        memory-bound, and the small ones read their weights far below the bandwidth (H200, Llama-3.1-8B shape, one
+        row in a CUDA graph: k_proj and v_proj 30 %, q_proj 61 %, q|k|v stacked 78 %; gate_proj and up_proj 92 %,
+        stacked 99 %; `benchmarks/decode_profile.py`), which left graph decoding at 68 % of its floor.
+        """
+        if self._fused is not False:
+            return self._fused
+        self._fused = None
+        if self.attn_implementation != ATTENTION or self.split or self.offloaded:
+            return None
+        projections = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            inputs = [attn.qkv_proj] if self.style == "fused" else [attn.q_proj, attn.k_proj, attn.v_proj]
+            hidden = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
+            if not plain_weights(*inputs, *hidden):
+                return None
+            projections.append((inputs, hidden))
+        fused = []
+        for inputs, hidden in projections:
+            qkv, qkv_bias = (inputs[0].weight, inputs[0].bias) if len(inputs) == 1 else share_storage(*inputs)
+            gate_up, gate_up_bias = (hidden[0].weight, hidden[0].bias) if len(hidden) == 1 else share_storage(*hidden)
+            fused.append(FusedLayer(qkv, qkv_bias, gate_up, gate_up_bias))
+        self._fused = fused
+        return fused
+
+    def decode_layer(
+        self, index: int, hidden: torch.Tensor, position_embeddings, cache, visible_keys: torch.Tensor
+    ) -> torch.Tensor:
+        """Decoder layer `index` for one token of graph decoding: the model's own layer, step by step as its
+        modeling code writes it, except that q|k|v and gate|up are one matrix product each (`fused_layers`).
+
+        The norms, q/k norms, rotary, output and down projections and the activation are the model's own modules;
+        attention is longdoc_sdpa's `decode_attention` over the first `visible_keys` slots of `cache`.
+        """
+        layer, fused = self.layers[index], self._fused[index]
+        attn, mlp = layer.self_attn, layer.mlp
+        d = self.head_dim
+        residual = hidden
+        qkv = nn.functional.linear(layer.input_layernorm(hidden), fused.qkv, fused.qkv_bias)
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        q, k, v = q.view(1, 1, -1, d), k.view(1, 1, -1, d), v.view(1, 1, -1, d)
+        if self.style == "qk_norm":
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = self._apply_rope(q.transpose(1, 2), k.transpose(1, 2), *position_embeddings)
+        keys, values = cache.update(k, v.transpose(1, 2), index)
+        out = decode_attention(q, keys, values, visible_keys, attn.scaling)
+        hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(1, 1, -1))
+        residual = hidden
+        gate, up = nn.functional.linear(
+            layer.post_attention_layernorm(hidden), fused.gate_up, fused.gate_up_bias
+        ).chunk(2, dim=-1)
+        activation = mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn
+        return residual + mlp.down_proj(activation(gate) * up)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of the last row, (1, vocab): final norm and LM head on that row only."""

@@ -40,8 +40,13 @@ def causal_sdpa(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query (b, H, q, d), key/value (b, Hkv, kv, d) -> output (b, q, H, d)."""
+    visible = kwargs.get("visible_keys")
+    if visible is not None and query.shape[2] == 1 and dropout == 0:
+        # one query over the first `visible` slots of a static buffer (graph-captured decoding, decode_graph.py)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return decode_attention(query, key, value, visible, scale).transpose(1, 2).contiguous(), None
     if attention_mask is not None and query.shape[2] == 1 and attention_mask.shape[1:3] == (1, 1) and dropout == 0:
-        # one query over a static buffer with a length mask (graph-captured decoding, decode_graph.py)
+        # one query over a static buffer with a length mask
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return single_query_attention(query, key, value, attention_mask, scale).transpose(1, 2).contiguous(), None
     if attention_mask is not None:  # a caller that built its own mask gets transformers' SDPA unchanged
@@ -112,6 +117,31 @@ def single_query_attention(
     else:
         out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scale)
     return out.reshape(batch, heads, 1, head_dim)
+
+
+@torch.library.custom_op("longdoc::decode_attention", mutates_args=())
+def decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """query (1, H, 1, d) over the first `visible` (a (1,) int64 device tensor) of key/value (1, Hkv, capacity, d).
+
+    On CUDA with Triton, flash_decode's kernel reads only those slots; elsewhere `single_query_attention` under
+    the additive mask the same tensor gives. A custom op: torch.compile calls it as one opaque step.
+    """
+    from .flash_decode import triton_decode_attention, triton_usable
+
+    if query.is_cuda and key.stride(-1) == 1 and value.stride(-1) == 1 and triton_usable():
+        return triton_decode_attention(query, key, value, visible, scale)
+    hidden = torch.arange(key.shape[2], device=key.device) >= visible
+    mask = torch.zeros(key.shape[2], dtype=query.dtype, device=key.device).masked_fill_(
+        hidden, torch.finfo(query.dtype).min
+    )
+    return single_query_attention(query, key, value, mask.view(1, 1, 1, -1), scale)
+
+
+@decode_attention.register_fake
+def _(query, key, value, visible, scale):
+    return torch.empty_like(query)
 
 
 def decode_chunk(kv_len: int) -> int:

@@ -11,7 +11,7 @@ slots not yet written. The token, its position and the slot are device tensors u
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 
 import torch
@@ -113,7 +113,8 @@ def decode_step(arch: Arch, cache: StaticCache, input_ids: torch.Tensor, positio
     hidden = arch.embed(input_ids)
     position_embeddings = arch.rotary(hidden, position_ids)
     cache.reveal_slot()
-    logits = arch.head(arch.forward(hidden, position_embeddings, cache, mask=cache.mask))
+    visible = cache.slot + 1
+    logits = arch.head(arch.forward(hidden, position_embeddings, cache, mask=cache.mask, visible_keys=visible))
     cache.slot.add_(1)
     position_ids.add_(1)
     return logits
@@ -180,7 +181,10 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def _step(self) -> torch.Tensor:
-        return self.step_function(self.arch, self.cache, self.input_ids, self.position_ids)
+        """One step; it ends by writing its greedy token into `input_ids`, so `greedy` replays need no host input."""
+        logits = self.step_function(self.arch, self.cache, self.input_ids, self.position_ids)
+        self.input_ids.copy_(logits.argmax(-1, keepdim=True))
+        return logits
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -203,14 +207,45 @@ class StaticDecoder:
         self.cache.reset(self.filled)
         self.position_ids.fill_(self.next_position)
 
+    def _check(self, position: int, steps: int) -> None:
+        if position != self.next_position + self.steps or self.steps + steps > self.max_steps:
+            raise ValueError(f"step {self.steps} at position {position}: not the next position, or past capacity")
+
     @torch.inference_mode()
     def __call__(self, token: int, position: int) -> torch.Tensor:
         """Feed `token` at `position` (the next one in order); return the next (1, vocab) float32 logits."""
-        if position != self.next_position + self.steps or self.steps >= self.max_steps:
-            raise ValueError(f"step {self.steps} at position {position}: not the next position, or past capacity")
+        self._check(position, 1)
         self.input_ids.fill_(token)
         self.steps += 1
         if self.graph is None:
             return self._step()
         self.graph.replay()
         return self.logits
+
+    @torch.inference_mode()
+    def greedy(self, token: int, position: int, count: int) -> Iterator[int]:
+        """The `count` greedy tokens after `token` fed at `position`, from graph replays kept one ahead of the host.
+
+        Each replay feeds itself the token the previous one chose (`_step`), so the next replay is queued before
+        the host reads the last token back: the GPU never waits for the host's per-token work (the sync, the
+        caller's streaming). A caller that stops early (EOS) leaves at most one step computed for nothing.
+        """
+        if self.graph is None:
+            raise ValueError("greedy replays need a captured graph (capture=True)")
+        self._check(position, count)
+        self.input_ids.fill_(token)
+        host = [torch.empty(1, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        done = [torch.cuda.Event(), torch.cuda.Event()]
+
+        def launch(i: int) -> None:
+            self.graph.replay()
+            host[i % 2].copy_(self.input_ids.view(1), non_blocking=True)
+            done[i % 2].record()
+            self.steps += 1
+
+        launch(0)
+        for i in range(count):
+            if i + 1 < count:
+                launch(i + 1)
+            done[i % 2].synchronize()
+            yield int(host[i % 2])

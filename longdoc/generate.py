@@ -108,18 +108,32 @@ def generate_tokens(
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=prefilled.last_logits.device).manual_seed(config.seed)
-    logits = prefilled.last_logits
+    token = pick(prefilled.last_logits, config, generator)
+    remaining = config.max_new_tokens - 1
+    if token in eos:
+        return
+    yield token
+    if not remaining:
+        return
+    decode = decoder(arch, prefilled, remaining, notes, graph, compile)  # after the first token: it streams at once
     position = prefilled.next_position
-    decode = None  # set up after the first token is out, so that it streams at once
-    for i in range(config.max_new_tokens):
-        token = pick(logits, config, generator)
+    if config.temperature == 0 and isinstance(decode, StaticDecoder) and decode.graph is not None:
+        tokens = decode.greedy(token, position, remaining)  # the graph picks the tokens itself, a step ahead
+    else:
+        tokens = _stepped(decode, token, position, remaining, config, generator)
+    for token in tokens:
         if token in eos:
             return
         yield token
-        if i + 1 < config.max_new_tokens:
-            decode = decode or decoder(arch, prefilled, config.max_new_tokens - 1, notes, graph, compile)
-            logits = decode(token, position)
-            position += 1
+
+
+def _stepped(
+    decode: Decode, token: int, position: int, count: int, config: GenerationConfig, generator
+) -> Iterator[int]:
+    """`count` tokens after `token`, each fed back to pick the next one (sampled or greedy on the host)."""
+    for i in range(count):
+        token = pick(decode(token, position + i), config, generator)
+        yield token
 
 
 def stream_text(tokenizer, tokens: Iterable[int], stop: tuple[str, ...] = ()) -> Iterator[str]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from test_core import CONTEXT, QUESTION, load
 
-from longdoc.attention import decode_chunk, math_masked_attention_with_lse, split_kv_attention
+from longdoc.attention import decode_attention, decode_chunk, math_masked_attention_with_lse, split_kv_attention
 from longdoc.cache import KVCache
 from longdoc.decode_graph import StaticCache, StaticDecoder, static_capacity, unsupported_reason
 from longdoc.generate import GenerationConfig, generate_tokens, step
@@ -83,6 +83,74 @@ def test_split_kv_join_equals_one_masked_softmax(filled):
     got = split_kv_attention(query, key, value, mask, 0.25, 256, math_masked_attention_with_lse)
     want = F.scaled_dot_product_attention(query, key[..., :filled, :], value[..., :filled, :], scale=0.25)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("visible", [1, 77, 300])
+def test_decode_attention_reads_only_the_visible_slots(visible):
+    """The op graph decoding calls: attention over the first `visible` slots, whatever finite values the others
+    hold (the static buffers start as zeros; the CUDA kernel does not read them at all)."""
+    query = torch.randn(1, 6, 1, 16, dtype=torch.float64)
+    key, value = torch.randn(2, 1, 2, 300, 16, dtype=torch.float64)
+    poisoned_key, poisoned_value = key.clone(), value.clone()
+    poisoned_key[..., visible:, :], poisoned_value[..., visible:, :] = 1e6, -1e6
+    got = decode_attention(query, poisoned_key, poisoned_value, torch.tensor([visible]), 0.25)
+    want = F.scaled_dot_product_attention(
+        query, key[..., :visible, :], value[..., :visible, :], scale=0.25, enable_gqa=True
+    )
+    torch.testing.assert_close(got, want)
+
+
+def test_the_decode_step_tells_attention_how_many_slots_it_sees(tiny_model_dirs, monkeypatch):
+    """Every layer's attention in a static step gets `visible_keys` = the slot being fed + 1."""
+    import longdoc.arch as arch
+    import longdoc.attention as attention
+
+    seen = []
+    real = attention.decode_attention
+
+    def spy(query, key, value, visible, scale):
+        seen.append((int(visible), key.shape[2]))
+        return real(query, key, value, visible, scale)
+
+    monkeypatch.setattr(attention, "decode_attention", spy)  # the model's own layers' path (causal_sdpa)
+    monkeypatch.setattr(arch, "decode_attention", spy)  # Arch.decode_layer's
+    doc = load(tiny_model_dirs["llama"], "full", attn=None)
+    prefilled = doc.prefill(doc.layout(CONTEXT, QUESTION))
+    length = prefilled.cache.seq_length()
+    decoder = StaticDecoder(doc.arch, prefilled.cache, prefilled.next_position, max_steps=3, capture=False)
+    for i in range(2):
+        decoder(5, prefilled.next_position + i)
+    capacity = decoder.cache.capacity
+    assert seen == [(length + 1, capacity)] * doc.arch.num_layers + [(length + 2, capacity)] * doc.arch.num_layers
+
+
+def storage_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind a model's parameters (views of one storage count once)."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
+
+
+def test_fused_projections_share_the_models_storage_and_change_no_prefill(tiny_model_dirs, family):
+    """Stacking q|k|v and gate|up re-points the model's weights at rows of one matrix: no second copy of the
+    weights, and the model's own layers (every prefill) compute exactly as before."""
+    doc = load(tiny_model_dirs[family], "full", attn=None)
+    layout = doc.layout(CONTEXT, QUESTION)
+    before = doc.prefill(layout).last_logits
+    total = storage_bytes(doc.model)
+    fused = doc.arch.fused_layers()
+    assert fused is not None and len(fused) == doc.arch.num_layers
+    attn, mlp = doc.arch.layers[0].self_attn, doc.arch.layers[0].mlp
+    first_input = attn.qkv_proj if family == "phi3" else attn.q_proj
+    first_hidden = mlp.gate_up_proj if family == "phi3" else mlp.gate_proj
+    assert first_input.weight.data_ptr() == fused[0].qkv.data_ptr()
+    assert first_hidden.weight.data_ptr() == fused[0].gate_up.data_ptr()
+    assert storage_bytes(doc.model) == total
+    assert torch.equal(doc.prefill(layout).last_logits, before)
+
+
+def test_decoding_keeps_the_models_own_layers_under_another_attention_implementation(tiny_model_dirs):
+    doc = load(tiny_model_dirs["llama"], "full", attn="sdpa")
+    assert doc.arch.fused_layers() is None
 
 
 @pytest.mark.parametrize("method, options", METHODS)

@@ -127,6 +127,19 @@ def test_graph_decoding_equals_the_eager_loop(tiny_model_dirs, family, method, o
     assert graph_tokens == eager_tokens
 
 
+def test_greedy_graph_replays_stop_at_eos_as_the_eager_loop(tiny_model_dirs):
+    """Greedy replays run a step ahead of the host; an EOS met on the way ends the answer where the eager loop does."""
+    doc = cuda_doc(tiny_model_dirs["llama"], "gemfilter", top_k=30, past_window=True)
+    prefilled = doc.prefill(doc.layout(LONG_CONTEXT, QUESTION))
+    config = GenerationConfig(max_new_tokens=40)
+    eager = list(generate_tokens(doc.arch, prefilled, config, (), graph=False))
+    eos = {eager[10]}
+    cut = eager[: eager.index(eager[10])]
+    for graph in (True, False):
+        prefilled = doc.prefill(doc.layout(LONG_CONTEXT, QUESTION))
+        assert list(generate_tokens(doc.arch, prefilled, config, eos, graph=graph)) == cut
+
+
 def test_graph_decoding_samples_as_the_eager_loop_with_a_seed(tiny_model_dirs):
     doc = cuda_doc(tiny_model_dirs["llama"], "gemfilter", top_k=30, past_window=True)
     config = GenerationConfig(max_new_tokens=40, temperature=1.0, top_p=0.9, seed=3)
@@ -166,6 +179,30 @@ def test_split_kv_kernel_matches_the_math(dtype, filled):
         query.double(), key[..., :filled, :].double(), value[..., :filled, :].double(), scale=128**-0.5
     )
     tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3  # the kernel runs float32 on TF32 tensor cores (2.2e-4 seen)
+    torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim, capacity, visible",
+    [(32, 8, 128, 1280, 1), (32, 8, 128, 1280, 1057), (32, 8, 128, 131328, 131073), (40, 10, 128, 2304, 2200),
+     (32, 32, 96, 2304, 700), (4, 2, 16, 512, 300)],
+)  # fmt: skip
+def test_flash_decode_kernel_matches_the_math(dtype, heads, kv_heads, head_dim, capacity, visible):
+    """The Triton kernel (Llama-3.1-8B at 1K and 128K, Mistral-Nemo's groups, Phi-3's 96-wide heads, the tiny
+    models): float64 attention over the visible slots, and NaN in the slots past them is never read."""
+    from longdoc.flash_decode import triton_decode_attention, triton_usable
+
+    assert triton_usable()
+    query = torch.randn(1, heads, 1, head_dim, device="cuda", dtype=dtype)
+    key, value = torch.randn(2, 1, kv_heads, capacity, head_dim, device="cuda", dtype=dtype)
+    key[..., visible:, :], value[..., visible:, :] = torch.nan, torch.nan
+    got = triton_decode_attention(query, key, value, torch.tensor([visible], device="cuda"), head_dim**-0.5)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query.double(), key[..., :visible, :].double(), value[..., :visible, :].double(), scale=head_dim**-0.5,
+        enable_gqa=True,
+    )  # fmt: skip
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=tolerance)
 
 
