@@ -5,7 +5,9 @@
 #       reading) | homer-long (512K, 1M)
 #       | decode (256 tokens after full, gemfilter, homer at 8K-128K: CUDA graph, transformers' generate, the floor;
 #         and the eager loop at 8K for comparison)
-#       | decode-compiled (the same with the torch.compile'd step: gemfilter and homer at 8K, full at 128K)
+#       | decode-compiled (the same with the torch.compile'd step: gemfilter and homer at 8K beside generate, full at
+#         8K-128K) | decode-profile (tokens/s, replay time and kernel tables of the plain and compiled step at 1K and
+#         128K keys: benchmarks/decode_profile.py)
 #       | needle (bundled model, 1K-16K) | eval (bundled model, 200 samples per row)
 #       | field (KIVI 4/2-bit, gemfilter + 4-bit cache and H2O beside full and gemfilter: speed, cache size, 8K-128K;
 #         then the needle rows of h2o, lingua, kivi-4, kivi-2, gemfilter+kv_bits=4 on the bundled model, 1K-16K)
@@ -36,9 +38,12 @@ decode)
     ;;
 decode-compiled)
     longdoc bench speed --shape llama-3.1-8b --lengths 8k --methods gemfilter,homer --runs 1 --decode-tokens 256 \
-        --top-k 1024 --no-reference --compile --out "$out/decode-compiled" -q
-    longdoc bench speed --shape llama-3.1-8b --lengths 128k --methods full --runs 1 --decode-tokens 256 \
-        --no-reference --compile --out "$out/decode-compiled-full-128k" -q
+        --top-k 1024 --compile --out "$out/decode-compiled" -q
+    longdoc bench speed --shape llama-3.1-8b --lengths 8k,32k,128k --methods full --runs 1 --decode-tokens 256 \
+        --no-reference --compile --out "$out/decode-compiled-full" -q
+    ;;
+decode-profile)
+    PYTHONPATH=. python3 benchmarks/decode_profile.py "$out" --lengths 1056,131072 --paths triton
     ;;
 homer-long)
     longdoc bench speed --shape llama-3.1-8b --lengths 512k,1024k --methods homer --runs 1 --no-reference \
