@@ -20,6 +20,8 @@ from .arch import Arch
 from .attention import NAME as ATTENTION
 from .attention import decode_chunk
 from .cache import KVCache
+from .quantized import QuantizedCache
+from .static_quantized import StaticQuantizedCache, layout_reason
 
 # Attention implementations that take an additive (1, 1, 1, kv) mask with one query: longdoc's own
 # (single_query_attention), transformers' SDPA and its eager softmax. flash-attn reads a mask as padding.
@@ -90,19 +92,19 @@ def _buffer_with(filled: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return buffer
 
 
-def unsupported_reason(arch: Arch, cache: KVCache) -> str | None:
+def unsupported_reason(arch: Arch, cache: KVCache | QuantizedCache) -> str | None:
     """Why graph decoding cannot run on this model and cache, or None when it can."""
     if arch.split:  # a graph is captured on one device's stream; the eager loop crosses devices as it goes
         return f"the model's layers run on several devices ({arch.placement()})"
     if arch.offloaded:  # the weights a capture saw would be freed after it, and read again at every replay
         return "some weights are offloaded to host memory and brought in at each step, which a graph cannot capture"
-    if not isinstance(cache, KVCache):
-        return f"a {type(cache).__name__} is dequantized layer by layer, which the graph does not capture"
     if arch.attn_implementation not in MASKED_ATTENTION:
         return f"attention '{arch.attn_implementation}' takes no length mask"
     lengths = {cache.seq_length(i) for i in range(cache.num_layers)}
-    if len(lengths) != 1 or any(keys is None for keys in cache.keys):
+    if len(lengths) != 1 or not all(cache.filled(i) for i in range(cache.num_layers)):
         return f"the cache's layers hold different lengths ({sorted(lengths)})"
+    if isinstance(cache, QuantizedCache) and (reason := layout_reason(cache)) is not None:
+        return reason
     if arch.device.type != "cuda":
         return f"graphs need CUDA, the model is on {arch.device.type}"
     return None
@@ -148,7 +150,8 @@ def compile_refusal(capacity: int) -> str | None:
 
 
 class StaticDecoder:
-    """One decode step over a `StaticCache`: feed a token, get the next (1, vocab) float32 logits.
+    """One decode step over a `StaticCache` (a `StaticQuantizedCache` for a KIVI cache): feed a token, get the next
+    (1, vocab) float32 logits.
 
     With `capture` (CUDA) the step is recorded once as a CUDA graph and replayed; without it the same
     tensor code runs eagerly (CPU tests, and the check that the two agree). With `compile` the step is
@@ -157,7 +160,13 @@ class StaticDecoder:
     """
 
     def __init__(
-        self, arch: Arch, cache: KVCache, next_position: int, max_steps: int, capture: bool, compile: bool = False
+        self,
+        arch: Arch,
+        cache: KVCache | QuantizedCache,
+        next_position: int,
+        max_steps: int,
+        capture: bool,
+        compile: bool = False,
     ) -> None:
         self.arch = arch
         self.filled = cache.seq_length()
@@ -168,7 +177,8 @@ class StaticDecoder:
         if compile:
             COMPILED_CAPACITIES.add(capacity)
         self.step_function = compiled_step() if compile else decode_step
-        self.cache = StaticCache(cache, capacity)
+        static = StaticQuantizedCache if isinstance(cache, QuantizedCache) else StaticCache
+        self.cache = static(cache, capacity)
         device = arch.device
         self.next_position = next_position
         self.input_ids = torch.zeros(1, 1, dtype=torch.long, device=device)

@@ -8,7 +8,8 @@ appends, the oldest GROUP of them are quantized together (a key group needs GROU
 
 The attention asks one layer at a time (`update`): that layer is dequantized into one scratch buffer
 that every layer shares, so full precision is held for one layer, never for the whole cache (one
-scratch per device on a model split over several GPUs: each layer's codes stay on its own device).
+scratch per device on a model split over several GPUs: each layer's codes stay on its own device). Graph decoding
+holds the same codes at fixed addresses (static_quantized.py), through the same quantize and dequantize functions.
 
 A reading (#11) is quantized the same way when its method has `kv_bits`: the store and saved readings
 hold the codes. A question over it runs in prompt mode (`decoding=False`): its own rows are appended
@@ -65,6 +66,42 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
     return ((packed[..., None] >> shifts) & (2**bits - 1)).flatten(-2)
+
+
+def quantize_keys(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch, heads, n, d) keys, n a multiple of GROUP, per channel over each GROUP of tokens: (packed codes
+    (..., n, d * bits / 8), step and minimum (..., n / GROUP, d))."""
+    batch, heads, n, d = keys.shape
+    codes, step, minimum = quantize_groups(keys.reshape(batch, heads, n // GROUP, GROUP, d), bits, dim=3)
+    return pack(codes.view(batch, heads, n, d), bits), step.view(batch, heads, -1, d), minimum.view(batch, heads, -1, d)
+
+
+def quantize_values(values: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch, heads, n, dv) values per token over groups of `group` channels: (packed codes (..., n, dv * bits / 8),
+    step and minimum (..., n, dv / group))."""
+    batch, heads, n, dv = values.shape
+    codes, step, minimum = quantize_groups(values.reshape(batch, heads, n, dv // group, group), bits, 4)
+    return (
+        pack(codes.view(batch, heads, n, dv), bits),
+        step.view(batch, heads, n, -1),
+        minimum.view(batch, heads, n, -1),
+    )
+
+
+def dequantize_keys(codes: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor, bits: int) -> torch.Tensor:
+    """`quantize_keys`'s parts back to float32 rows (batch, heads, n, d)."""
+    batch, heads, groups, d = step.shape
+    unpacked = unpack(codes, bits).view(batch, heads, groups, GROUP, d).float()
+    rows = unpacked * step.float()[:, :, :, None] + minimum.float()[:, :, :, None]
+    return rows.view(batch, heads, groups * GROUP, d)
+
+
+def dequantize_values(codes: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor, bits: int) -> torch.Tensor:
+    """`quantize_values`'s parts back to float32 rows (batch, heads, n, dv)."""
+    batch, heads, n, groups = step.shape
+    unpacked = unpack(codes, bits).view(batch, heads, n, groups, -1)
+    rows = unpacked.float() * step.float()[..., None] + minimum.float()[..., None]
+    return rows.view(batch, heads, n, -1)
 
 
 PARTS = ("key_codes", "key_step", "key_min", "value_codes", "value_step", "value_min")  # the quantized rows
@@ -130,19 +167,16 @@ class QuantizedLayer:
         self.tail = rest
 
     def _quantize(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        batch, heads, n, d = keys.shape
-        codes, step, minimum = quantize_groups(keys.reshape(batch, heads, n // GROUP, GROUP, d), self.bits, dim=3)
-        self.key_codes = torch.cat([self.key_codes, pack(codes.view(batch, heads, n, d), self.bits)], -2)
-        self.key_step = torch.cat([self.key_step, step.view(batch, heads, -1, d)], -2)
-        self.key_min = torch.cat([self.key_min, minimum.view(batch, heads, -1, d)], -2)
-        dv = values.shape[-1]
-        if dv:
-            codes, step, minimum = quantize_groups(
-                values.reshape(batch, heads, n, dv // self.group, self.group), self.bits, 4
-            )
-            self.value_codes = torch.cat([self.value_codes, pack(codes.view(batch, heads, n, dv), self.bits)], -2)
-            self.value_step = torch.cat([self.value_step, step.view(batch, heads, n, -1)], -2)
-            self.value_min = torch.cat([self.value_min, minimum.view(batch, heads, n, -1)], -2)
+        batch, heads, n, _ = keys.shape
+        codes, step, minimum = quantize_keys(keys, self.bits)
+        self.key_codes = torch.cat([self.key_codes, codes], -2)
+        self.key_step = torch.cat([self.key_step, step], -2)
+        self.key_min = torch.cat([self.key_min, minimum], -2)
+        if values.shape[-1]:
+            codes, step, minimum = quantize_values(values, self.bits, self.group)
+            self.value_codes = torch.cat([self.value_codes, codes], -2)
+            self.value_step = torch.cat([self.value_step, step], -2)
+            self.value_min = torch.cat([self.value_min, minimum], -2)
         else:  # keys only: keep the value parts' row count in step with the keys'
             self.value_codes = self.value_codes.new_empty((batch, heads, self.quantized + n, 0))
             self.value_step = self.value_step.new_empty((batch, heads, self.quantized + n, 0))
@@ -153,15 +187,9 @@ class QuantizedLayer:
         """Write the layer's rows, in full precision, into keys[..., :length, :] and values[..., :length, :]."""
         q = self.quantized
         if q:
-            batch, heads, _, d = keys.shape
-            codes = unpack(self.key_codes, self.bits).view(batch, heads, q // GROUP, GROUP, d).float()
-            rows = codes * self.key_step.float()[:, :, :, None] + self.key_min.float()[:, :, :, None]
-            keys[..., :q, :] = rows.view(batch, heads, q, d)
-            dv = values.shape[-1]
-            if dv:
-                codes = unpack(self.value_codes, self.bits).view(batch, heads, q, dv // self.group, self.group)
-                rows = codes.float() * self.value_step.float()[..., None] + self.value_min.float()[..., None]
-                values[..., :q, :] = rows.view(batch, heads, q, dv)
+            keys[..., :q, :] = dequantize_keys(self.key_codes, self.key_step, self.key_min, self.bits)
+            if values.shape[-1]:
+                values[..., :q, :] = dequantize_values(self.value_codes, self.value_step, self.value_min, self.bits)
         keys[..., q : self.length, :] = self.tail_keys[..., : self.tail, :]
         values[..., q : self.length, :] = self.tail_values[..., : self.tail, :]
 

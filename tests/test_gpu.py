@@ -127,6 +127,34 @@ def test_graph_decoding_equals_the_eager_loop(tiny_model_dirs, family, method, o
     assert graph_tokens == eager_tokens
 
 
+QUANTIZED_DECODE_METHODS = [("full", {"kv_bits": 4, "past_window": True}),
+                            ("full", {"kv_bits": 2, "past_window": True}),
+                            ("gemfilter", {"top_k": 30, "kv_bits": 4, "past_window": True})]  # fmt: skip
+
+
+@pytest.mark.parametrize("method, options", QUANTIZED_DECODE_METHODS)
+def test_graph_decoding_of_a_quantized_cache_equals_the_eager_loop(tiny_model_dirs, family, method, options):
+    """float32 on CUDA, KIVI caches (#20): 220 tokens fold two groups or more of decoded rows (the static cache's
+    folds in the graph), and the replayed graph gives the eager QuantizedCache loop's greedy tokens."""
+    doc = cuda_doc(tiny_model_dirs[family], method, **options)
+    config = GenerationConfig(max_new_tokens=220)
+    graph_tokens, notes = decoded(doc, config, graph=True)
+    assert notes == [] and graph_tokens == decoded(doc, config, graph=False)[0]
+
+
+def test_compiled_graph_decoding_of_a_quantized_cache_equals_the_eager_loop(tiny_model_dirs):
+    doc = cuda_doc(tiny_model_dirs["llama"], "gemfilter", top_k=30, kv_bits=4, past_window=True)
+    config = GenerationConfig(max_new_tokens=220)
+    compiled, notes = decoded(doc, config, graph=True, compile=True)
+    assert notes == [] and compiled == decoded(doc, config, graph=False)[0]
+
+
+def test_graph_decoding_of_a_quantized_cache_samples_as_the_eager_loop_with_a_seed(tiny_model_dirs):
+    doc = cuda_doc(tiny_model_dirs["llama"], "full", kv_bits=2, past_window=True)
+    config = GenerationConfig(max_new_tokens=150, temperature=1.0, top_p=0.9, seed=3)
+    assert decoded(doc, config, graph=True)[0] == decoded(doc, config, graph=False)[0]
+
+
 def test_greedy_graph_replays_stop_at_eos_as_the_eager_loop(tiny_model_dirs):
     """Greedy replays run a step ahead of the host; an EOS met on the way ends the answer where the eager loop does."""
     doc = cuda_doc(tiny_model_dirs["llama"], "gemfilter", top_k=30, past_window=True)

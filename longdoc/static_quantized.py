@@ -1,0 +1,169 @@
+"""A KIVI cache of fixed addresses for graph decoding: `QuantizedCache`'s codes, tail and scratch, written in place.
+
+A captured graph replays the same kernels on the same buffers at every token, so nothing may be allocated,
+concatenated or decided on the host. Every layer keeps codes, steps and minimums for all the groups the answer
+can fold in (room fixed by the capacity), and its full-precision tail as a ring of RESIDUAL + GROUP rows where
+the row of position p lives at p mod RESIDUAL + GROUP; one scratch per device holds the layer the attention
+reads. All of it is addressed from one device tensor, `slot` (the position being fed), because KIVI's layout is a
+function of the length alone: after L rows, quantized_rows(L) = (L - RESIDUAL) // GROUP * GROUP of them (at least
+0) are codes and the rest are the tail (`QuantizedLayer` keeps exactly that, from a prompt's cache or a reading's
+lease handed to decoding: `layout_reason` checks it).
+
+Folding: at every step each layer quantizes the tail's oldest GROUP rows, positions [quantized_rows(slot), + GROUP),
+into the group after its codes. Until the tail reaches RESIDUAL + GROUP rows that group is past the codes in use
+and is written again at the next step; at the step where the eager cache folds (`QuantizedLayer.settle`), the rows
+are all there, quantized_rows(slot + 1) moves past them, and they are the eager cache's codes to the bit (the same
+`quantize_keys` / `quantize_values` on the same rows). The ring needs no shift, so a step that is run and rewound
+(a graph's warm-up) leaves nothing behind that the next step reads. Quantizing one group per layer and step costs
+little beside dequantizing the whole layer, which both caches do at every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quantized import (
+    GROUP,
+    RESIDUAL,
+    QuantizedCache,
+    QuantizedLayer,
+    dequantize_keys,
+    dequantize_values,
+    quantize_keys,
+    quantize_values,
+)
+
+WINDOW = RESIDUAL + GROUP  # tail rows: a group folds when the tail reaches this
+
+
+def quantized_rows(length: int) -> int:
+    """Rows KIVI holds as codes in a layer of `length` rows (the rest, RESIDUAL to WINDOW - 1 of them, in full)."""
+    return max(0, length - RESIDUAL) // GROUP * GROUP
+
+
+def layout_reason(cache: QuantizedCache) -> str | None:
+    """Why `cache` does not have KIVI's decoding layout (every layer the same length, quantized as it appends)."""
+    if not cache.decoding:
+        return "a quantized cache in prompt mode (not handed to decoding) keeps its new rows in full precision"
+    layers = [cache._layer(i) for i in range(cache.num_layers)]
+    if any(layer is None or layer.quantized != quantized_rows(layer.length) for layer in layers):
+        return "the quantized cache's layers do not all hold KIVI's groups for their length"
+    return None
+
+
+class StaticQuantizedCache:
+    """Fixed-capacity KIVI codes and tails per layer, written at a device-tensor slot (`StaticCache`'s counterpart).
+
+    `update(keys, values, layer_idx)` appends one token's rows, folds a group where the eager `QuantizedCache`
+    would, and returns the layer dequantized into its device's scratch, `capacity` rows; `mask` (1, 1, 1, capacity)
+    is 0 on the filled slots and the dtype's minimum elsewhere.
+    """
+
+    def __init__(self, source: QuantizedCache, capacity: int) -> None:
+        layers: list[QuantizedLayer] = [source._layer(i) for i in range(source.num_layers)]
+        first = layers[0].tail_keys
+        self.bits, self.capacity, self.length = source.bits, capacity, layers[0].length
+        self.groups = quantized_rows(capacity) // GROUP + 1  # the folds the answer can reach, and the next one
+        self.layers = [StaticLayer(layer, self.groups) for layer in layers]
+        self.scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in self.layers:
+            if layer.tail_keys.device not in self.scratch:
+                self.scratch[layer.tail_keys.device] = layer.scratch(self.groups * GROUP + WINDOW)
+        self.offsets = torch.arange(WINDOW, device=first.device)  # rows of a group, and of the whole tail
+        self.slot = torch.tensor([self.length], device=first.device)
+        self.mask = torch.full(
+            (1, 1, 1, capacity), torch.finfo(first.dtype).min, dtype=first.dtype, device=first.device
+        )
+        self.mask[..., : self.length] = 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write one token's (batch, kv_heads, 1, head_dim) states at `slot`; return the layer's `capacity` rows."""
+        layer = self.layers[layer_idx]
+        layer.write_tail(self.slot, key_states, value_states)
+        layer.fold_oldest(self.slot, self.offsets[:GROUP])
+        keys, values = self.scratch[key_states.device]
+        layer.dequantize_into(keys, values, self.slot + 1, self.offsets)
+        return keys[..., : self.capacity, :], values[..., : self.capacity, :]
+
+    def reveal_slot(self) -> None:
+        """Let attention see `slot` (the token being fed attends to itself)."""
+        self.mask.index_fill_(-1, self.slot, 0)
+
+    def reset(self, filled: int) -> None:
+        """Back to `filled` slots (after a warm-up step wrote past them; the ring and codes need no undoing)."""
+        self.slot.fill_(filled)
+        self.mask[..., filled:] = torch.finfo(self.mask.dtype).min
+        self.mask[..., :filled] = 0
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's filled rows dequantized into new tensors (for inspection, not decoding)."""
+        length = int(self.slot)
+        layer = self.layers[layer_idx]
+        keys, values = layer.scratch(self.groups * GROUP + WINDOW)
+        layer.dequantize_into(keys, values, self.slot, self.offsets)
+        return keys[..., :length, :], values[..., :length, :]
+
+
+class StaticLayer:
+    """One layer's codes, steps and minimums for `groups` key groups, and its tail as a ring of WINDOW rows."""
+
+    def __init__(self, source: QuantizedLayer, groups: int) -> None:
+        self.bits, self.group = source.bits, source.group
+        rows = groups * GROUP
+        self.key_codes = _zeros_with(source.key_codes, rows)
+        self.key_step = _zeros_with(source.key_step, groups)
+        self.key_min = _zeros_with(source.key_min, groups)
+        self.value_codes = _zeros_with(source.value_codes, rows)
+        self.value_step = _zeros_with(source.value_step, rows)
+        self.value_min = _zeros_with(source.value_min, rows)
+        self.tail_keys = _zeros_with(source.tail_keys[..., :0, :], WINDOW)  # zeros: unused rows never hold NaN
+        self.tail_values = _zeros_with(source.tail_values[..., :0, :], WINDOW)
+        ring = (source.quantized + torch.arange(source.tail, device=source.tail_keys.device)) % WINDOW
+        self.tail_keys.index_copy_(2, ring, source.tail_keys[..., : source.tail, :])
+        self.tail_values.index_copy_(2, ring, source.tail_values[..., : source.tail, :])
+
+    def scratch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed full-precision keys and values of `rows` rows, as this layer's attention reads them."""
+        return _zeros_with(self.tail_keys[..., :0, :], rows), _zeros_with(self.tail_values[..., :0, :], rows)
+
+    def write_tail(self, slot: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        ring = slot % WINDOW
+        self.tail_keys.index_copy_(2, ring, keys)
+        self.tail_values.index_copy_(2, ring, values)
+
+    def fold_oldest(self, slot: torch.Tensor, group_rows: torch.Tensor) -> None:
+        """Quantize the tail's oldest GROUP rows into the group after the codes in use (see the module's docstring)."""
+        start = (slot - RESIDUAL).clamp_min(0) // GROUP * GROUP  # quantized_rows(slot), on the device
+        ring = start % WINDOW + group_rows  # a whole group never wraps: WINDOW is a multiple of GROUP
+        rows = start + group_rows
+        codes, step, minimum = quantize_keys(self.tail_keys.index_select(2, ring), self.bits)
+        self.key_codes.index_copy_(2, rows, codes)
+        self.key_step.index_copy_(2, start // GROUP, step)
+        self.key_min.index_copy_(2, start // GROUP, minimum)
+        codes, step, minimum = quantize_values(self.tail_values.index_select(2, ring), self.bits, self.group)
+        self.value_codes.index_copy_(2, rows, codes)
+        self.value_step.index_copy_(2, rows, step)
+        self.value_min.index_copy_(2, rows, minimum)
+
+    def dequantize_into(
+        self, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, window_rows: torch.Tensor
+    ) -> None:
+        """Rows [0, length) in full precision into keys and values: every code group (those past the codes in use
+        are finite and get overwritten or masked), then the ring's WINDOW rows from position quantized_rows(length)."""
+        rows = self.key_codes.shape[-2]
+        keys[..., :rows, :] = dequantize_keys(self.key_codes, self.key_step, self.key_min, self.bits)
+        values[..., :rows, :] = dequantize_values(self.value_codes, self.value_step, self.value_min, self.bits)
+        tail = (length - RESIDUAL).clamp_min(0) // GROUP * GROUP + window_rows
+        keys.index_copy_(2, tail, self.tail_keys.index_select(2, tail % WINDOW))
+        values.index_copy_(2, tail, self.tail_values.index_select(2, tail % WINDOW))
+
+
+def _zeros_with(filled: torch.Tensor, rows: int) -> torch.Tensor:
+    """A zeroed buffer of `rows` rows (dim -2) that starts with `filled`."""
+    buffer = filled.new_zeros((*filled.shape[:-2], rows, filled.shape[-1]))
+    buffer[..., : filled.shape[-2], :] = filled
+    return buffer
