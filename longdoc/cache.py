@@ -156,6 +156,25 @@ class KVCache:
         return totals
 
 
+class StaticSlots:
+    """What graph decoding's step reads and advances in a static-capacity cache (`decode_graph.decode_step`): `slot`,
+    a (1,) device tensor (the position being fed), and `mask` (1, 1, 1, capacity), 0 on the filled slots and the
+    dtype's minimum elsewhere. Shared by `decode_graph.StaticCache` and `static_quantized.StaticQuantizedCache`."""
+
+    slot: torch.Tensor
+    mask: torch.Tensor
+
+    def reveal_slot(self) -> None:
+        """Let attention see `slot` (the token being fed attends to itself)."""
+        self.mask.index_fill_(-1, self.slot, 0)
+
+    def reset(self, filled: int) -> None:
+        """Back to `filled` slots (after a warm-up step wrote past them)."""
+        self.slot.fill_(filled)
+        self.mask[..., filled:] = torch.finfo(self.mask.dtype).min
+        self.mask[..., :filled] = 0
+
+
 def _grow(buffer: torch.Tensor | None, length: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
     shape = (*like.shape[:-2], capacity, like.shape[-1])
     grown = torch.empty(shape, dtype=like.dtype, device=like.device)

@@ -19,7 +19,7 @@ import torch
 from .arch import Arch
 from .attention import NAME as ATTENTION
 from .attention import decode_chunk
-from .cache import KVCache
+from .cache import KVCache, StaticSlots
 from .quantized import QuantizedCache
 from .static_quantized import StaticQuantizedCache, layout_reason
 
@@ -43,7 +43,7 @@ def static_capacity(needed: int, coarse: bool = False) -> int:
     return -(-needed // chunk) * chunk
 
 
-class StaticCache:
+class StaticCache(StaticSlots):
     """Fixed-capacity keys/values per layer, written at a device-tensor slot; the layers attend over all of it.
 
     Answers the decoder layers' `update(keys, values, layer_idx)` as `KVCache` does, but returns the whole
@@ -74,16 +74,6 @@ class StaticCache:
         self.keys[layer_idx].index_copy_(2, self.slot, key_states)
         self.values[layer_idx].index_copy_(2, self.slot, value_states)
         return self.keys[layer_idx], self.values[layer_idx]
-
-    def reveal_slot(self) -> None:
-        """Let attention see `slot` (the token being fed attends to itself)."""
-        self.mask.index_fill_(-1, self.slot, 0)
-
-    def reset(self, filled: int) -> None:
-        """Back to `filled` slots (after a warm-up step wrote past them)."""
-        self.slot.fill_(filled)
-        self.mask[..., filled:] = torch.finfo(self.mask.dtype).min
-        self.mask[..., :filled] = 0
 
 
 def _buffer_with(filled: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

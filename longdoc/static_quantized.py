@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .cache import StaticSlots
 from .quantized import (
     GROUP,
     RESIDUAL,
@@ -45,22 +46,21 @@ def layout_reason(cache: QuantizedCache) -> str | None:
     """Why `cache` does not have KIVI's decoding layout (every layer the same length, quantized as it appends)."""
     if not cache.decoding:
         return "a quantized cache in prompt mode (not handed to decoding) keeps its new rows in full precision"
-    layers = [cache._layer(i) for i in range(cache.num_layers)]
-    if any(layer is None or layer.quantized != quantized_rows(layer.length) for layer in layers):
+    if any(layer is None or layer.quantized != quantized_rows(layer.length) for layer in cache.layers):
         return "the quantized cache's layers do not all hold KIVI's groups for their length"
     return None
 
 
-class StaticQuantizedCache:
+class StaticQuantizedCache(StaticSlots):
     """Fixed-capacity KIVI codes and tails per layer, written at a device-tensor slot (`StaticCache`'s counterpart).
 
     `update(keys, values, layer_idx)` appends one token's rows, folds a group where the eager `QuantizedCache`
-    would, and returns the layer dequantized into its device's scratch, `capacity` rows; `mask` (1, 1, 1, capacity)
-    is 0 on the filled slots and the dtype's minimum elsewhere.
+    would, and returns the layer dequantized into its device's scratch, `capacity` rows; `slot` and `mask` are
+    `StaticSlots`'. Rewinding the slot (`reset`, after a graph's warm-up step) needs no undoing of the ring or codes.
     """
 
     def __init__(self, source: QuantizedCache, capacity: int) -> None:
-        layers: list[QuantizedLayer] = [source._layer(i) for i in range(source.num_layers)]
+        layers: list[QuantizedLayer] = source.layers  # all there: handed to decoding (`layout_reason`)
         first = layers[0].tail_keys
         self.bits, self.capacity, self.length = source.bits, capacity, layers[0].length
         self.groups = quantized_rows(capacity) // GROUP + 1  # the folds the answer can reach, and the next one
@@ -71,10 +71,8 @@ class StaticQuantizedCache:
                 self.scratch[layer.tail_keys.device] = layer.scratch(self.groups * GROUP + WINDOW)
         self.offsets = torch.arange(WINDOW, device=first.device)  # rows of a group, and of the whole tail
         self.slot = torch.tensor([self.length], device=first.device)
-        self.mask = torch.full(
-            (1, 1, 1, capacity), torch.finfo(first.dtype).min, dtype=first.dtype, device=first.device
-        )
-        self.mask[..., : self.length] = 0
+        self.mask = first.new_empty((1, 1, 1, capacity))
+        self.reset(self.length)
 
     @property
     def num_layers(self) -> int:
@@ -88,16 +86,6 @@ class StaticQuantizedCache:
         keys, values = self.scratch[key_states.device]
         layer.dequantize_into(keys, values, self.slot + 1, self.offsets)
         return keys[..., : self.capacity, :], values[..., : self.capacity, :]
-
-    def reveal_slot(self) -> None:
-        """Let attention see `slot` (the token being fed attends to itself)."""
-        self.mask.index_fill_(-1, self.slot, 0)
-
-    def reset(self, filled: int) -> None:
-        """Back to `filled` slots (after a warm-up step wrote past them; the ring and codes need no undoing)."""
-        self.slot.fill_(filled)
-        self.mask[..., filled:] = torch.finfo(self.mask.dtype).min
-        self.mask[..., :filled] = 0
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's filled rows dequantized into new tensors (for inspection, not decoding)."""
