@@ -1,13 +1,14 @@
 """A KIVI cache of fixed addresses for graph decoding: `QuantizedCache`'s codes, tail and scratch, written in place.
 
-A captured graph replays the same kernels on the same buffers at every token, so nothing may be allocated,
-concatenated or decided on the host. Every layer keeps codes, steps and minimums for all the groups the answer
-can fold in (room fixed by the capacity), and its full-precision tail as a ring of RESIDUAL + GROUP rows where
-the row of position p lives at p mod RESIDUAL + GROUP; one scratch per device holds the layer the attention
-reads. All of it is addressed from one device tensor, `slot` (the position being fed), because KIVI's layout is a
-function of the length alone: after L rows, quantized_rows(L) = (L - RESIDUAL) // GROUP * GROUP of them (at least
-0) are codes and the rest are the tail (`QuantizedLayer` keeps exactly that, from a prompt's cache or a reading's
-lease handed to decoding: `layout_reason` checks it).
+A captured graph replays the same kernels on the same buffers at every token, so no buffer may grow or be replaced
+and nothing may be decided on the host. Every layer reads the prompt's codes where the eager cache holds them
+(shared, never written), keeps buffers for all the groups the answer can fold in (room fixed by the capacity), and
+its full-precision tail as a ring of RESIDUAL + GROUP rows where the row of position p lives at p mod RESIDUAL +
+GROUP; one scratch per device holds the layer the attention reads. All of it is addressed from one device tensor,
+`slot` (the position being fed), because KIVI's layout is a function of the length alone: after L rows,
+quantized_rows(L) = (L - RESIDUAL) // GROUP * GROUP of them (at least 0) are codes and the rest are the tail
+(`QuantizedLayer` keeps exactly that, from a prompt's cache or a reading's lease handed to decoding:
+`layout_reason` checks it).
 
 Folding: at every step each layer quantizes the tail's oldest GROUP rows, positions [quantized_rows(slot), + GROUP),
 into the group after its codes. Until the tail reaches RESIDUAL + GROUP rows that group is past the codes in use
@@ -25,6 +26,7 @@ import torch
 from .cache import StaticSlots
 from .quantized import (
     GROUP,
+    PARTS,
     RESIDUAL,
     QuantizedCache,
     QuantizedLayer,
@@ -97,17 +99,20 @@ class StaticQuantizedCache(StaticSlots):
 
 
 class StaticLayer:
-    """One layer's codes, steps and minimums for `groups` key groups, and its tail as a ring of WINDOW rows."""
+    """One layer: the prompt's codes (the source's own tensors, never written), buffers for the groups that decoding
+    can fold in (`groups` key groups in all, counted from position 0), and the tail as a ring of WINDOW rows."""
 
     def __init__(self, source: QuantizedLayer, groups: int) -> None:
         self.bits, self.group = source.bits, source.group
-        rows = groups * GROUP
-        self.key_codes = _zeros_with(source.key_codes, rows)
-        self.key_step = _zeros_with(source.key_step, groups)
-        self.key_min = _zeros_with(source.key_min, groups)
-        self.value_codes = _zeros_with(source.value_codes, rows)
-        self.value_step = _zeros_with(source.value_step, rows)
-        self.value_min = _zeros_with(source.value_min, rows)
+        self.prompt_rows = source.quantized
+        self.prompt_parts = tuple(getattr(source, name) for name in PARTS)  # shared, as a lease shares a reading's
+        folded = groups - source.quantized // GROUP
+        self.key_codes = _zeros_with(source.key_codes[..., :0, :], folded * GROUP)
+        self.key_step = _zeros_with(source.key_step[..., :0, :], folded)
+        self.key_min = _zeros_with(source.key_min[..., :0, :], folded)
+        self.value_codes = _zeros_with(source.value_codes[..., :0, :], folded * GROUP)
+        self.value_step = _zeros_with(source.value_step[..., :0, :], folded * GROUP)
+        self.value_min = _zeros_with(source.value_min[..., :0, :], folded * GROUP)
         self.tail_keys = _zeros_with(source.tail_keys[..., :0, :], WINDOW)  # zeros: unused rows never hold NaN
         self.tail_values = _zeros_with(source.tail_values[..., :0, :], WINDOW)
         ring = (source.quantized + torch.arange(source.tail, device=source.tail_keys.device)) % WINDOW
@@ -127,11 +132,11 @@ class StaticLayer:
         """Quantize the tail's oldest GROUP rows into the group after the codes in use (see the module's docstring)."""
         start = (slot - RESIDUAL).clamp_min(0) // GROUP * GROUP  # quantized_rows(slot), on the device
         ring = start % WINDOW + group_rows  # a whole group never wraps: WINDOW is a multiple of GROUP
-        rows = start + group_rows
+        rows = start - self.prompt_rows + group_rows  # in the buffers of the groups folded while decoding
         codes, step, minimum = quantize_keys(self.tail_keys.index_select(2, ring), self.bits)
         self.key_codes.index_copy_(2, rows, codes)
-        self.key_step.index_copy_(2, start // GROUP, step)
-        self.key_min.index_copy_(2, start // GROUP, minimum)
+        self.key_step.index_copy_(2, rows[:1] // GROUP, step)
+        self.key_min.index_copy_(2, rows[:1] // GROUP, minimum)
         codes, step, minimum = quantize_values(self.tail_values.index_select(2, ring), self.bits, self.group)
         self.value_codes.index_copy_(2, rows, codes)
         self.value_step.index_copy_(2, rows, step)
@@ -140,14 +145,26 @@ class StaticLayer:
     def dequantize_into(
         self, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, window_rows: torch.Tensor
     ) -> None:
-        """Rows [0, length) in full precision into keys and values: every code group (those past the codes in use
-        are finite and get overwritten or masked), then the ring's WINDOW rows from position quantized_rows(length)."""
-        rows = self.key_codes.shape[-2]
-        keys[..., :rows, :] = dequantize_keys(self.key_codes, self.key_step, self.key_min, self.bits)
-        values[..., :rows, :] = dequantize_values(self.value_codes, self.value_step, self.value_min, self.bits)
+        """Rows [0, length) in full precision into keys and values: the prompt's codes, every group buffer (those past
+        the codes in use are finite and get overwritten or masked), then the ring's WINDOW rows from position
+        quantized_rows(length)."""
+        if self.prompt_rows:
+            _dequantize_rows(keys, values, 0, self.prompt_parts, self.bits)
+        folded = (self.key_codes, self.key_step, self.key_min, self.value_codes, self.value_step, self.value_min)
+        _dequantize_rows(keys, values, self.prompt_rows, folded, self.bits)
         tail = (length - RESIDUAL).clamp_min(0) // GROUP * GROUP + window_rows
         keys.index_copy_(2, tail, self.tail_keys.index_select(2, tail % WINDOW))
         values.index_copy_(2, tail, self.tail_values.index_select(2, tail % WINDOW))
+
+
+def _dequantize_rows(
+    keys: torch.Tensor, values: torch.Tensor, start: int, parts: tuple[torch.Tensor, ...], bits: int
+) -> None:
+    """Codes, steps and minimums in `PARTS`' order, dequantized into keys and values from row `start` on."""
+    key_codes, key_step, key_min, value_codes, value_step, value_min = parts
+    end = start + key_codes.shape[-2]
+    keys[..., start:end, :] = dequantize_keys(key_codes, key_step, key_min, bits)
+    values[..., start:end, :] = dequantize_values(value_codes, value_step, value_min, bits)
 
 
 def _zeros_with(filled: torch.Tensor, rows: int) -> torch.Tensor:

@@ -33,15 +33,17 @@ def quantized_cache(length: int, bits: int, head_dim: int, generator: torch.Gene
 
 
 @pytest.mark.parametrize("bits", [4, 2])
-@pytest.mark.parametrize("length, head_dim", [(50, 16), (307, 96), (320, 16)])
+@pytest.mark.parametrize("length, head_dim", [(50, 16), (307, 96), (319, 16)])
 def test_static_cache_returns_the_eager_rows_as_groups_fold(bits, length, head_dim):
     """Fed the same rows, the static cache's update returns the eager cache's rows to the bit at every step (96-wide
-    heads: value groups of 32 channels), through several folds, and after a warm-up step that was rewound."""
+    heads: value groups of 32 channels), through several folds, and after a warm-up step that was rewound (and one
+    that folded: a prompt of 319 rows folds at its first step)."""
     generator = torch.Generator().manual_seed(length + bits)
     eager = quantized_cache(length, bits, head_dim, generator)
     steps = steps_to_fold_twice(length) + GROUP
-    static = StaticQuantizedCache(quantized_cache(length, bits, head_dim, torch.Generator().manual_seed(length + bits)),
-                                  static_capacity(length + steps))  # fmt: skip
+    source = quantized_cache(length, bits, head_dim, torch.Generator().manual_seed(length + bits))
+    before = source.layers[0].tensors()
+    static = StaticQuantizedCache(source, static_capacity(length + steps))
     warm_up = torch.randn(2, 1, 2, 1, head_dim, generator=generator)
     static.reveal_slot()
     static.update(*warm_up, 0)
@@ -60,6 +62,10 @@ def test_static_cache_returns_the_eager_rows_as_groups_fold(bits, length, head_d
     assert eager.layers[0].quantized >= quantized_rows(length) + 2 * GROUP
     for layer in range(2):
         assert all(torch.equal(a, b) for a, b in zip(static.layer(layer), eager.layer(layer), strict=True))
+    # The prompt's codes are read where the source holds them, and the source is left as it was.
+    assert static.layers[0].prompt_parts[0].data_ptr() == source.layers[0].key_codes.data_ptr()
+    assert source.layers[0].length == length
+    assert all(torch.equal(before[name], part) for name, part in source.layers[0].tensors().items())
 
 
 def decode_both(doc, eager, static, steps: int, compile: bool = False) -> StaticDecoder:
