@@ -9,8 +9,9 @@
 attention: each head's share of the last prompt token's attention on the needle sentence, per layer (1 needle),
 for the plain prompt, RULER's answer prefix after the assistant header (`prefix`), and the prefix with its trailing
 space (`prefix-space`). distractors: the same with 4 needles (asked needle vs the others) and the first digit's
-accuracy. homer: HOMER settings (chunk length, warm-up layers, calibration) past the window. open-keys: full prefill with two-word keys and 4-/10-digit values. rows: the GemFilter and HOMER rows of
-needle-small's card that were measured on CPU. Haystacks come from the held-out books, seeded.
+accuracy. homer: HOMER settings (chunk length, warm-up layers, calibration) past the window. open-keys: full
+prefill with two-word keys and 4-/10-digit values. rows: the GemFilter and HOMER rows of needle-small's card that
+were measured on CPU. Haystacks come from the held-out books, seeded.
 """
 
 from __future__ import annotations
