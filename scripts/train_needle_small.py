@@ -1,10 +1,16 @@
 """Train needle-small: a 12-layer Llama whose prompt's last token retrieves (GemFilter's premise), any key.
 
-One command on one GPU (5 minutes of training, 5.5 in all, on an H200), fixed seeds:
+One command on one GPU, fixed seeds. The bundled examples/models/needle-small was made before the digit groups and
+the attention loss existed; this reproduces it (5 minutes of training, 5.5 in all, on an H200):
 
-    python scripts/train_needle_small.py --books ../shared/corpus/books --out examples/models/needle-small
+    python scripts/train_needle_small.py --books ../shared/corpus/books --out examples/models/needle-small \\
+        --digit-groups 1
 
-What differs from needle-tiny (scripts/train_needle_model.py, whose tokenizer, template and curriculum it reuses):
+The next recipe, prepared and smoke-tested on CPU but not yet trained (issue #23: the GPU could not be started), is
+the two defaults below; `bash benchmarks/needle_small_ab.sh OUT BOOKS 4.0 130` trains it with and without the
+attention loss side by side on one GPU, then evaluates and tunes both.
+
+What differs from needle-tiny (scripts/train_needle_model.py, whose template and curriculum it reuses):
 - The answer starts with the value (`{value}.`), so the prompt's last token (the assistant header's newline)
   must find the needle: that is where GemFilter and HOMER read attention. needle-tiny answers
   `The special magic number for {key} is: {value}.`, and its attention maps show why its last prompt token
@@ -18,6 +24,11 @@ What differs from needle-tiny (scripts/train_needle_model.py, whose tokenizer, t
   the bench's KEYS, so every bench key is unseen; values of 3-10 digits (7 most often).
 - The first digit's loss (the lookup) weighs --first-weight (2); the rest of the value copies on from it.
 - 12 layers: HOMER's tree gets 2^(12 - 4 warm-up) chunks before levels share layers.
+- --digit-groups 3 (default): its own tokenizer, digits in groups of three as Llama 3's (a 7-digit value is 3
+  tokens, inside GemFilter's 5-token pool); 1: needle-tiny's tokenizer (one digit a token).
+- --attention-weight W (default 0: off): head 0 of every layer from --attention-from (2) on is trained to spread the
+  prompt's last token's attention over the asked needle's sentence (LookupAttention), the retrieval heads at many
+  depths that HOMER's pruning at each merge level relies on; the bundled model looks up at layers 2-3 only.
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ from train_needle_model import (  # noqa: E402
     WINDOW,
     follow_up_ids,
 )
+from train_needle_model import train_tokenizer as train_single_digit_tokenizer  # noqa: E402
 
 from longdoc.bench.needle import KEYS, PASSKEY_QUESTION, QUESTION, Haystacks, load_books  # noqa: E402
 from longdoc.prompt import build_layout  # noqa: E402
@@ -313,7 +325,8 @@ def train(args) -> None:
     books = load_books(args.books, held_out=False)
     words = key_words(books)
     print(f"training books ({len(books)}): {', '.join(books)}; {len(words)} key words", flush=True)
-    train_tokenizer(books, args.vocab).save_pretrained(out)
+    make_tokenizer = train_tokenizer if args.digit_groups == 3 else train_single_digit_tokenizer
+    make_tokenizer(books, args.vocab).save_pretrained(out)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
     model = build_model(tokenizer, args).to(device)
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M on {device}", flush=True)
@@ -417,6 +430,13 @@ def main() -> None:
     )
     parser.add_argument("--attention-from", type=int, default=2, help="first layer whose head 0 the loss trains")
     parser.add_argument("--vocab", type=int, default=4096, help="learned BPE tokens (digit groups are added)")
+    parser.add_argument(
+        "--digit-groups",
+        type=int,
+        choices=(1, 3),
+        default=3,
+        help="digits per token: 3 (Llama 3's groups) or 1 (needle-tiny's tokenizer, as the bundled needle-small)",
+    )
     parser.add_argument("--batch-tokens", type=int, default=65536)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--workers", type=int, default=12)
