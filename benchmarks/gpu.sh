@@ -11,9 +11,9 @@
 #       | needle (bundled model, 1K-16K) | eval (bundled model, 200 samples per row)
 #       | field (KIVI 4/2-bit, gemfilter + 4-bit cache and H2O beside full and gemfilter: speed, cache size, 8K-128K;
 #         then the needle rows of h2o, lingua, kivi-4, kivi-2, gemfilter+kv_bits=4 on the bundled model, 1K-16K)
-#       | small (train examples/models/needle-small, 5 min; then evaluate it (held-out books, the bench's keys, which
-#         its training never used, past the window) and `longdoc tune` it side by side, about 1 min; the model lands
-#         in OUT/needle-small)
+#       | small (train two needle-small recipes side by side, 4 min: benchmarks/needle_small_ab.sh; then evaluate each
+#         (held-out books, the bench's keys, which training never used, past the window, HOMER with chunks of 2048
+#         and 4096) and `longdoc tune` it, all in parallel, about 3 min; about 8 minutes in all)
 #       | batch (longdoc batch on one GPU: Llama-3.1-8B shape, random weights, 40 documents of 32K tokens, 5 questions
 #         each: documents per hour with reuse (one job per document) and without (one job per question))
 set -euo pipefail
@@ -69,22 +69,9 @@ field)
         -o gemfilter.query_tokens=16 --out "$out/needle-field" -q
     ;;
 small)
-    books=${BOOKS:-.data/books}
-    mkdir -p "$out"
-    PYTHONPATH=. python3 scripts/train_needle_small.py --books "$books" --out "$out/needle-small" --minutes 5 \
-        2>&1 | tee "$out/needle-small-train.log"
-    cp -r "$out/needle-small" /tmp/needle-small-eval  # tune writes its profile into the model folder meanwhile
-    small_eval() {
-        PYTHONPATH=. timeout 160 python3 scripts/eval_needle_model.py --model /tmp/needle-small-eval --books "$books" \
-            --gem paper --lengths 3500 --deadline 125 "$@"
-    }
-    small_eval --methods full --samples 50 --beyond 8192,16384 --beyond-samples 20 \
-        --out "$out/needle-small-eval-full.json" >"$out/needle-small-eval-full.log" 2>&1 &
-    small_eval --methods gemfilter --samples 50 --sweep-samples 16 \
-        --out "$out/needle-small-eval-gem.json" >"$out/needle-small-eval-gem.log" 2>&1 &
-    timeout 160 python3 -m cli.main tune "$out/needle-small" --books "$books" --samples 8 --lengths 2048 \
-        >"$out/needle-small-tune.log" 2>&1 &
-    wait
+    # Two recipes side by side (digits in groups of three; with and without the lookup-attention loss), then each
+    # evaluated and tuned; back in OUT: {A,B}-logs.tgz and {A,B}-model.tgz.* (cat A-model.tgz.* | tar xzf -).
+    bash benchmarks/needle_small_ab.sh "$out" "${BOOKS:-.data/books}" 4.0 130
     ;;
 batch)
     PYTHONPATH=. python3 benchmarks/batch_throughput.py "$out/batch" --documents 40 --tokens 32768 --questions 5 --top-k 1024

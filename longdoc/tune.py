@@ -4,7 +4,8 @@ Accuracy is the needle task (bench/needle.py: a fact hidden in book text, asked 
 same one `longdoc bench layers` plots. GemFilter: every filter layer is swept with each scoring
 preset (PRESETS), then each scoring option is flipped in turn at the best layer (kept when it answers
 more), and the layers are swept again if the scoring changed. HOMER: the positional calibration is measured
-on plain book text, and kept only if it answers at least as many needles past the window as none.
+on plain book text; with and without it, chunks of half the window (the default) and of the whole window are
+tried past the window, and the pair that answers the most needles is kept.
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ def tune_gemfilter(base, haystacks, options: dict, lengths: list[int], samples: 
 
 
 def tune_homer(base, haystacks, texts: list[str], folder, samples: int, seed: int, progress) -> dict:
-    """The profile entry for homer: the calibration measured on `texts`, kept if it answers at least as well."""
+    """The profile entry for homer: calibration (measured on `texts`, or off) and chunk length (the default, half the
+    window, or the whole window), the pair that answers the most needles past the window; ties keep the earlier
+    trial (calibrated before uncalibrated, the default chunk before the window)."""
     from .methods.homer import default_chunk_len
 
     length = default_chunk_len(base.arch)
@@ -113,19 +116,29 @@ def tune_homer(base, haystacks, texts: list[str], folder, samples: int, seed: in
         return dict(options={"calibration": CALIBRATION_FILE}, note="the model does not say its window: not measured")
     past = window + window // 2  # past the window, where auto hands the prompt to homer
     trials = max(2, samples // 2)
+    chunks = [None] + ([window] if window > length else [])  # None: the default, half the window
+    candidates = [(calibration, chunk) for chunk in chunks for calibration in (str(path), "off")]
     scores = {}
-    for done, calibration in enumerate((str(path), "off"), start=1):
-        doc = base.with_method("homer", calibration=calibration)
-        scores[calibration] = accuracy(needle_records(doc, haystacks, length=past, samples=trials, seed=seed))
-        progress("homer", done, 2)
-    kept = scores[str(path)] >= scores["off"]
+    for done, (calibration, chunk) in enumerate(candidates, start=1):
+        options = dict(calibration=calibration, **({"max_chunk_len": chunk} if chunk else {}))
+        doc = base.with_method("homer", **options)
+        scores[calibration, chunk] = accuracy(needle_records(doc, haystacks, length=past, samples=trials, seed=seed))
+        progress("homer", done, len(candidates))
+    calibration, chunk = max(candidates, key=lambda c: scores[c])  # max keeps the first of equals
+    options = {"calibration": CALIBRATION_FILE if calibration == str(path) else "off"}
+    if chunk:
+        options["max_chunk_len"] = chunk
     return dict(
-        options={"calibration": CALIBRATION_FILE if kept else "off"},
-        accuracy=round(scores[str(path)] if kept else scores["off"], 4),
+        options=options,
+        accuracy=round(scores[calibration, chunk], 4),
         samples=trials,
         lengths=[past],
-        uncalibrated_accuracy=scores["off"],
-        calibrated_accuracy=scores[str(path)],
+        uncalibrated_accuracy=scores["off", None],
+        calibrated_accuracy=scores[str(path), None],
+        trials=[
+            dict(calibration="measured" if c == str(path) else "off", max_chunk_len=n or length, accuracy=scores[c, n])
+            for c, n in candidates
+        ],
     )
 
 

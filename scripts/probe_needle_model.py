@@ -4,12 +4,14 @@
     python scripts/probe_needle_model.py distractors --model examples/models/needle-small
     python scripts/probe_needle_model.py open-keys --model examples/models/needle-small
     python scripts/probe_needle_model.py rows --model examples/models/needle-small
+    python scripts/probe_needle_model.py homer --model examples/models/needle-small --length 8192 --samples 6
 
 attention: each head's share of the last prompt token's attention on the needle sentence, per layer (1 needle),
 for the plain prompt, RULER's answer prefix after the assistant header (`prefix`), and the prefix with its trailing
 space (`prefix-space`). distractors: the same with 4 needles (asked needle vs the others) and the first digit's
-accuracy. open-keys: full prefill with two-word keys and 4-/10-digit values. rows: the GemFilter and HOMER rows of
-needle-small's card that were measured on CPU. Haystacks come from the held-out books, seeded.
+accuracy. homer: HOMER settings (chunk length, warm-up layers, calibration) past the window. open-keys: full
+prefill with two-word keys and 4-/10-digit values. rows: the GemFilter and HOMER rows of needle-small's card that
+were measured on CPU. Haystacks come from the held-out books, seeded.
 """
 
 from __future__ import annotations
@@ -138,9 +140,28 @@ def rows(doc: LongDoc, hay: Haystacks) -> None:
         print(json.dumps(row), flush=True)
 
 
+HOMER_SETTINGS = [
+    {},
+    {"max_chunk_len": 4096, "warmup_layers": 0, "calibration": "off"},
+    {"max_chunk_len": 4096, "calibration": "off"},
+    {"max_chunk_len": 4096},
+    {"max_chunk_len": 2048, "warmup_layers": 0},
+]
+
+
+def homer(doc: LongDoc, hay: Haystacks, samples: int, length: int) -> None:
+    """Each of HOMER_SETTINGS on the same seeded haystacks (defaults: half-window chunks, 4 warm-up layers of 12)."""
+    for options in HOMER_SETTINGS:
+        began = time.time()
+        recs = records(doc.with_method("homer", **options), hay, length=length, needles=1, samples=samples)
+        row = dict(options=options, length=length, samples=samples, correct=sum(r["correct"] for r in recs))
+        row.update(evidence_ranks=[r["evidence_rank"] for r in recs], answers=[r["answer"][:14] for r in recs])
+        print(json.dumps(dict(row, seconds=round(time.time() - began))), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=["attention", "distractors", "open-keys", "rows"])
+    parser.add_argument("probe", choices=["attention", "distractors", "open-keys", "rows", "homer"])
     parser.add_argument("--model", default="examples/models/needle-small")
     parser.add_argument("--books", default="../shared/corpus/books")
     parser.add_argument("--prompt", default="plain,prefix,prefix-space", help="attention: prompts to probe")
@@ -157,6 +178,8 @@ def main() -> None:
         distractors(doc, hay, args.samples or 30, args.length or 512)
     elif args.probe == "open-keys":
         open_keys(doc, hay, args.samples or 10, args.length or 2048)
+    elif args.probe == "homer":
+        homer(doc, hay, args.samples or 6, args.length or 8192)
     else:
         rows(doc, hay)
 

@@ -1,10 +1,16 @@
 """Train needle-small: a 12-layer Llama whose prompt's last token retrieves (GemFilter's premise), any key.
 
-One command on one GPU (5 minutes of training, 5.5 in all, on an H200), fixed seeds:
+One command on one GPU, fixed seeds. The bundled examples/models/needle-small was made before the digit groups and
+the attention loss existed; this reproduces it (5 minutes of training, 5.5 in all, on an H200):
 
-    python scripts/train_needle_small.py --books ../shared/corpus/books --out examples/models/needle-small
+    python scripts/train_needle_small.py --books ../shared/corpus/books --out examples/models/needle-small \\
+        --digit-groups 1
 
-What differs from needle-tiny (scripts/train_needle_model.py, whose tokenizer, template and curriculum it reuses):
+The next recipe, prepared and smoke-tested on CPU but not yet trained (issue #23: the GPU could not be started), is
+the two defaults below; `bash benchmarks/needle_small_ab.sh OUT BOOKS 4.0 130` trains it with and without the
+attention loss side by side on one GPU, then evaluates and tunes both.
+
+What differs from needle-tiny (scripts/train_needle_model.py, whose template and curriculum it reuses):
 - The answer starts with the value (`{value}.`), so the prompt's last token (the assistant header's newline)
   must find the needle: that is where GemFilter and HOMER read attention. needle-tiny answers
   `The special magic number for {key} is: {value}.`, and its attention maps show why its last prompt token
@@ -18,6 +24,11 @@ What differs from needle-tiny (scripts/train_needle_model.py, whose tokenizer, t
   the bench's KEYS, so every bench key is unseen; values of 3-10 digits (7 most often).
 - The first digit's loss (the lookup) weighs --first-weight (2); the rest of the value copies on from it.
 - 12 layers: HOMER's tree gets 2^(12 - 4 warm-up) chunks before levels share layers.
+- --digit-groups 3 (default): its own tokenizer, digits in groups of three as Llama 3's (a 7-digit value is 3
+  tokens, inside GemFilter's 5-token pool); 1: needle-tiny's tokenizer (one digit a token).
+- --attention-weight W (default 0: off): head 0 of every layer from --attention-from (2) on is trained to spread the
+  prompt's last token's attention over the asked needle's sentence (LookupAttention), the retrieval heads at many
+  depths that HOMER's pruning at each merge level relies on; the bundled model looks up at layers 2-3 only.
 """
 
 from __future__ import annotations
@@ -35,21 +46,25 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_needle_model import (  # noqa: E402
     ADVANCE_AT,
+    CHAT_TEMPLATE,
     HOLD_FRACTION,
     HOLD_STAGES,
     MATCH_AT,
+    SPECIAL,
     STAGES,
     TOGETHER,
     WINDOW,
     follow_up_ids,
-    train_tokenizer,
 )
+from train_needle_model import train_tokenizer as train_single_digit_tokenizer  # noqa: E402
 
 from longdoc.bench.needle import KEYS, PASSKEY_QUESTION, QUESTION, Haystacks, load_books  # noqa: E402
 from longdoc.prompt import build_layout  # noqa: E402
@@ -60,11 +75,63 @@ LM_WEIGHT = 0.1  # loss weight of the haystack's book text (plain language model
 PASSKEY = 0.1
 
 
+DIGITS = "0123456789"
+
+
+def train_tokenizer(books: dict[str, str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE on the training books with digits in groups of up to three, left to right (Llama 3's
+    `\\p{N}{1,3}`): a 7-digit value is 3 tokens, so GemFilter's 5-token pool around the lookup covers it.
+
+    BPE learns merges only for the groups the books contain, so every 2- and 3-digit group is added with its
+    merges (a 3-digit group by both merge orders: whichever pair merges first, the group ends as one token).
+    The vocabulary is `vocab_size` learned tokens plus the missing groups.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([books[name] for name in sorted(books)], trainer)
+    data = json.loads(tok.to_str())
+    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+    have = {tuple(m) for m in merges}
+
+    def add(group: str, pairs: list[tuple[str, str]]) -> None:
+        vocab.setdefault(group, len(vocab))
+        for pair in pairs:
+            if pair not in have:
+                merges.append(list(pair))
+                have.add(pair)
+
+    for a in DIGITS:
+        for b in DIGITS:
+            add(a + b, [(a, b)])
+    for a in DIGITS:
+        for b in DIGITS:
+            for c in DIGITS:
+                add(a + b + c, [(a + b, c), (a, b + c)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        bos_token="<s>",
+        eos_token="<|end|>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=WINDOW,
+    )
+
+
 class Example(NamedTuple):
     ids: list[int]
     weights: list[float]  # weights[j]: loss weight of token j as a target (predicted at j - 1)
     first: tuple[int, int]  # token span of the evaluated (first) answer, value-first, with <|end|>
     single: bool  # one needle or the pass key: no key matching
+    needle: tuple[int, int]  # token rows of the asked needle's sentence in `ids` (the attention loss's target)
 
 
 def key_words(books: dict[str, str]) -> list[str]:
@@ -121,6 +188,9 @@ def make_example(
         weights[start] = first_weight
         return start, len(ids)
 
+    start, end = sample.needle_spans[sample.target]
+    rows = [layout.prefix_len + i for i, (a, b) in enumerate(layout.context_offsets) if a >= start and b <= end]
+    needle = (rows[0], rows[-1] + 1)
     first = add_answer(sample.value)
     for i in rng.sample([i for i in range(needles) if i != sample.target], needles - 1):
         extend(follow_up_ids(tokenizer, QUESTION.format(key=keys[i])), 0.0)
@@ -128,7 +198,7 @@ def make_example(
             extend(tokenizer(ANSWER_PREFIX.format(key=keys[i]), add_special_tokens=False)["input_ids"], 0.0)
         add_answer(values[i])
     assert passkey == (sample.question == PASSKEY_QUESTION)
-    return Example(ids, weights, first, needles == 1)
+    return Example(ids, weights, first, needles == 1, needle)
 
 
 class Batches(torch.utils.data.IterableDataset):
@@ -161,13 +231,16 @@ class Batches(torch.utils.data.IterableDataset):
             ids = torch.zeros(len(rows), width, dtype=torch.long)
             weight = torch.zeros(len(rows), width)
             answer = torch.zeros(len(rows), width, dtype=torch.bool)
+            needle = torch.zeros(len(rows), width, dtype=torch.bool)
             for i, row in enumerate(rows):
                 ids[i, : len(row.ids)] = torch.tensor(row.ids)
                 weight[i, : len(row.ids)] = torch.tensor(row.weights)
                 answer[i, row.first[0] : row.first[1]] = True
+                needle[i, row.needle[0] : row.needle[1]] = True
             single = torch.tensor([row.single for row in rows])
+            query = torch.tensor([row.first[0] - 1 for row in rows])  # the prompt's last token: the lookup
             # Targets are shifted by one: position j predicts token j + 1.
-            yield ids, weight[:, 1:], answer[:, 1:], single, stage
+            yield ids, weight[:, 1:], answer[:, 1:], single, query, needle[:, :-1], stage
 
 
 def build_model(tokenizer, args) -> LlamaForCausalLM:
@@ -190,6 +263,58 @@ def build_model(tokenizer, args) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+class LookupAttention:
+    """The attention loss: one query head per layer from `first` on, at the prompt's last token, spread over the asked
+    needle's sentence (cross-entropy against the uniform distribution on its tokens).
+
+    LLMs have retrieval heads at many depths (GemFilter's premise, and what HOMER prunes by at each merge level);
+    a model this small learns its lookup in one layer (needle-small 1: layer 2) and nowhere else. Forward pre-hooks
+    take each supervised layer's input and position embeddings; the head's logits are recomputed for the one row.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, first: int, head: int = 0) -> None:
+        self.inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.head = head
+        self.layers = list(range(first, model.config.num_hidden_layers))
+        self.handles = [
+            model.model.layers[i].self_attn.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+            for i in self.layers
+        ]
+        self.model = model
+
+    def _hook(self, layer: int):
+        def hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            rotary = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
+            self.inputs[layer] = (hidden, rotary)
+
+        return hook
+
+    def loss(self, query: torch.Tensor, needle: torch.Tensor) -> torch.Tensor:
+        """Mean over rows and layers of -mean_{j in needle} log p_j, minus its floor log(needle tokens)."""
+        rows = torch.arange(query.shape[0], device=query.device)
+        width = needle.shape[1]
+        causal = torch.arange(width, device=query.device)[None] <= query[:, None]
+        total = 0.0
+        for layer in self.layers:
+            hidden, (cos, sin) = self.inputs.pop(layer)
+            cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)  # (1, n, d) shared
+            attn = self.model.model.layers[layer].self_attn
+            d = attn.head_dim
+            kv = self.head // (attn.config.num_attention_heads // attn.config.num_key_value_heads)
+            q = attn.q_proj(hidden[rows, query])[:, self.head * d : (self.head + 1) * d]  # (B, d)
+            k = attn.k_proj(hidden[:, :width])[..., kv * d : (kv + 1) * d]  # (B, n, d)
+            q, _ = apply_rotary_pos_emb(
+                q[:, None, None], q[:, None, None], cos[rows, query][:, None], sin[rows, query][:, None]
+            )
+            _, k = apply_rotary_pos_emb(k[:, None], k[:, None], cos[:, :width], sin[:, :width])
+            logits = (k[:, 0].float() @ q[:, 0, 0].float()[..., None])[..., 0] / math.sqrt(d)  # (B, n)
+            logp = logits.masked_fill(~causal, float("-inf")).log_softmax(-1)
+            count = needle.sum(1)
+            total = total + (-(logp.masked_fill(~needle, 0).sum(1)) / count - count.float().log()).mean()
+        return total / len(self.layers)
+
+
 def train(args) -> None:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -200,7 +325,8 @@ def train(args) -> None:
     books = load_books(args.books, held_out=False)
     words = key_words(books)
     print(f"training books ({len(books)}): {', '.join(books)}; {len(words)} key words", flush=True)
-    train_tokenizer(books, args.vocab).save_pretrained(out)
+    make_tokenizer = train_tokenizer if args.digit_groups == 3 else train_single_digit_tokenizer
+    make_tokenizer(books, args.vocab).save_pretrained(out)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
     model = build_model(tokenizer, args).to(device)
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M on {device}", flush=True)
@@ -214,17 +340,20 @@ def train(args) -> None:
         prefetch_factor=4 if args.workers else None,
         persistent_workers=args.workers > 0,
     )
+    lookup = LookupAttention(model, args.attention_from) if args.attention_weight > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
     start, ema, copy_ema, match_ema, stage_steps, step = time.time(), 0.0, 0.0, 0.0, 0, 0
     log = []
     budget = args.minutes * 60
-    for ids, weight, answer, single, batch_stage in loader:
+    attention_ema = 0.0
+    for ids, weight, answer, single, query, needle, batch_stage in loader:
         elapsed = time.time() - start
         if elapsed > budget or (args.steps and step >= args.steps):
             break
         if batch_stage != stage.value:
             continue  # made before the stage advanced
         ids, weight, answer, single = ids.to(device), weight.to(device), answer.to(device), single.to(device)
+        query, needle = query.to(device), needle.to(device)
         frac = elapsed / budget  # warm-up, constant, cosine decay over the last 25 % of the time budget
         lr = (
             args.lr
@@ -237,6 +366,11 @@ def train(args) -> None:
             logits = model(input_ids=ids[:, :-1]).logits
         loss_each = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
         loss = (loss_each * weight).sum() / weight.sum()
+        if lookup is not None:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                attention_loss = lookup.loss(query, needle)
+            loss = loss + args.attention_weight * attention_loss
+            attention_ema = 0.95 * attention_ema + 0.05 * attention_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -268,6 +402,7 @@ def train(args) -> None:
                 answer_acc=round(ema, 3),
                 single_acc=round(copy_ema, 3),
                 distractor_acc=round(match_ema, 3),
+                **(dict(attention_loss=round(attention_ema, 3)) if lookup is not None else {}),
                 lr=round(lr, 6),
             )
             log.append(entry)
@@ -290,7 +425,18 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4, help="query heads of 64 dims")
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--first-weight", type=float, default=2.0, help="loss weight of the value's first digit")
-    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument(
+        "--attention-weight", type=float, default=0.0, help="weight of the lookup attention loss (0: none)"
+    )
+    parser.add_argument("--attention-from", type=int, default=2, help="first layer whose head 0 the loss trains")
+    parser.add_argument("--vocab", type=int, default=4096, help="learned BPE tokens (digit groups are added)")
+    parser.add_argument(
+        "--digit-groups",
+        type=int,
+        choices=(1, 3),
+        default=3,
+        help="digits per token: 3 (Llama 3's groups) or 1 (needle-tiny's tokenizer, as the bundled needle-small)",
+    )
     parser.add_argument("--batch-tokens", type=int, default=65536)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--workers", type=int, default=12)

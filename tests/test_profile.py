@@ -98,5 +98,13 @@ def test_tune_writes_a_profile_that_loading_applies(tmp_path):
     gemfilter = profile["methods"]["gemfilter"]
     assert 0 <= gemfilter["accuracy"] <= 1 and "filter_layer" in gemfilter["options"]
     assert set(gemfilter["layer_accuracy"]["1024"]) == {str(i) for i in range(9)}
+    homer = profile["methods"]["homer"]  # calibration on/off x chunks of half the window and of the whole window
+    assert [(t["calibration"], t["max_chunk_len"]) for t in homer["trials"]] == [
+        ("measured", 2048), ("off", 2048), ("measured", 4096), ("off", 4096),
+    ]  # fmt: skip
+    best = max(homer["trials"], key=lambda t: t["accuracy"])  # the first of equals, as tune keeps
+    assert homer["accuracy"] == best["accuracy"]
+    assert homer["options"].get("max_chunk_len", 2048) == best["max_chunk_len"]
+    assert (homer["options"]["calibration"] == "off") == (best["calibration"] == "off")
     doc = LongDoc.from_pretrained(str(model), device="cpu")
     assert doc.method.within.filter_layer == gemfilter["options"]["filter_layer"]
