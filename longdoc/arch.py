@@ -355,7 +355,7 @@ class Arch:
             if tap is not None:
                 tap(i, hidden)
             layer_mask = masks(device)[0] if masks is not None else None
-            if visible is not None and self.fused_layers() is not None:
+            if visible is not None and self._fused:  # stacked by fused_layers(), which StaticDecoder calls first
                 hidden = self.decode_layer(i, hidden, rows(device), cache, visible(device)[0])
             else:
                 layer_visible = visible(device)[0] if visible is not None else None
@@ -372,6 +372,8 @@ class Arch:
         row in a CUDA graph: k_proj and v_proj 30 %, q_proj 61 %, q|k|v stacked 78 %; gate_proj and up_proj 92 %,
         stacked 99 %; `benchmarks/decode_profile.py`), which left graph decoding at 68 % of its floor.
         """
+        if self._fused and self._fused[0].qkv.data_ptr() != self._first_projection().weight.data_ptr():
+            self._fused = False  # the weights were replaced since (the model moved or cast): stack them again
         if self._fused is not False:
             return self._fused
         self._fused = None
@@ -392,6 +394,10 @@ class Arch:
             fused.append(FusedLayer(qkv, qkv_bias, gate_up, gate_up_bias))
         self._fused = fused
         return fused
+
+    def _first_projection(self) -> nn.Linear:
+        attn = self.layers[0].self_attn
+        return attn.qkv_proj if self.style == "fused" else attn.q_proj
 
     def decode_layer(
         self, index: int, hidden: torch.Tensor, position_embeddings, cache, visible_keys: torch.Tensor

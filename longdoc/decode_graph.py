@@ -159,6 +159,7 @@ class StaticDecoder:
         compile: bool = False,
     ) -> None:
         self.arch = arch
+        arch.fused_layers()  # stack the projections (or see that they are stale) here, outside any trace or capture
         self.filled = cache.seq_length()
         capacity = static_capacity(self.filled + max_steps, coarse=compile)
         self.refused = compile_refusal(capacity) if compile else None

@@ -148,6 +148,16 @@ def test_fused_projections_share_the_models_storage_and_change_no_prefill(tiny_m
     assert torch.equal(doc.prefill(layout).last_logits, before)
 
 
+def test_fused_projections_follow_weights_replaced_after_they_were_stacked(tiny_model_dirs):
+    """A model cast after its projections were stacked decodes from its new weights, not the stale stack."""
+    doc = load(tiny_model_dirs["llama"], "full", attn=None)
+    doc.arch.fused_layers()
+    doc.model.to(torch.float64)
+    fused = doc.arch.fused_layers()
+    assert fused[0].qkv.dtype == torch.float64
+    assert fused[0].qkv.data_ptr() == doc.arch.layers[0].self_attn.q_proj.weight.data_ptr()
+
+
 def test_decoding_keeps_the_models_own_layers_under_another_attention_implementation(tiny_model_dirs):
     doc = load(tiny_model_dirs["llama"], "full", attn="sdpa")
     assert doc.arch.fused_layers() is None
