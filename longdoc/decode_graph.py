@@ -5,8 +5,9 @@ GPU spends most of each step waiting on the host (60 tokens/s on an H200 against
 bandwidth floor, issue #18). Here one whole step -- embedding, every decoder layer, final norm and
 head -- is captured once and replayed per token. A graph needs fixed shapes and addresses, so the
 cache is a fixed-capacity buffer per layer: the new token's keys and values are written at a slot
-held in a device tensor, and attention reads the whole buffer through an additive mask that hides the
-slots not yet written. The token, its position and the slot are device tensors updated in place.
+held in a device tensor, and attention is told how many slots are filled (`visible_keys`, a device tensor:
+longdoc_sdpa's flash-decoding kernel reads no others) or, for the other attention implementations, hides the
+rest with an additive mask. The token, its position and the slot are device tensors updated in place.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def static_capacity(needed: int, coarse: bool = False) -> int:
 
 
 class StaticCache(StaticSlots):
-    """Fixed-capacity keys/values per layer, written at a device-tensor slot; the layers attend over all of it.
+    """Fixed-capacity keys/values per layer, written at a device-tensor slot; the layers attend to its filled slots.
 
     Answers the decoder layers' `update(keys, values, layer_idx)` as `KVCache` does, but returns the whole
     buffer; `mask` (1, 1, 1, capacity) is 0 on the filled slots and the dtype's minimum elsewhere.
