@@ -13,7 +13,8 @@
 #         then the needle rows of h2o, lingua, kivi-4, kivi-2, gemfilter+kv_bits=4 on the bundled model, 1K-16K)
 #       | small (train two needle-small recipes side by side, 4 min: benchmarks/needle_small_ab.sh; then evaluate each
 #         (held-out books, the bench's keys, which training never used, past the window, HOMER with chunks of 2048
-#         and 4096) and `longdoc tune` it, all in parallel, about 3 min; about 8 minutes in all)
+#         and 4096) and `longdoc tune` it, all in parallel, about 3 min; about 8 minutes in all; RECIPES=B MINUTES=6.5
+#         DEADLINE=110 WORKERS=12 trains B alone: the bundled needle-small, 9 minutes)
 #       | batch (longdoc batch on one GPU: Llama-3.1-8B shape, random weights, 40 documents of 32K tokens, 5 questions
 #         each: documents per hour with reuse (one job per document) and without (one job per question))
 set -euo pipefail
@@ -71,7 +72,7 @@ field)
 small)
     # Two recipes side by side (digits in groups of three; with and without the lookup-attention loss), then each
     # evaluated and tuned; back in OUT: {A,B}-logs.tgz and {A,B}-model.tgz.* (cat A-model.tgz.* | tar xzf -).
-    bash benchmarks/needle_small_ab.sh "$out" "${BOOKS:-.data/books}" 4.0 130
+    bash benchmarks/needle_small_ab.sh "$out" "${BOOKS:-.data/books}" "${MINUTES:-4.0}" "${DEADLINE:-130}"
     ;;
 batch)
     PYTHONPATH=. python3 benchmarks/batch_throughput.py "$out/batch" --documents 40 --tokens 32768 --questions 5 --top-k 1024

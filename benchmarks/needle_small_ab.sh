@@ -21,16 +21,17 @@ train() {  # name, then train args
     python3 "$here/scripts/train_needle_small.py" --books "$books" --out "$w/$name/model" --minutes "$minutes" "$@" \
         >"$w/$name/train.log" 2>&1
 }
-mkdir -p "$w/A" "$w/B"
-train A --workers ${WORKERS:-7} --threads 2 "$@" &
-train B --workers ${WORKERS:-7} --threads 2 --attention-weight 0.2 --attention-from 2 "$@" &
+recipes=${RECIPES:-A B}  # RECIPES=B trains B alone (the whole GPU and all 16 cores: WORKERS=14)
+for name in $recipes; do mkdir -p "$w/$name"; done
+[[ " $recipes " == *" A "* ]] && train A --workers ${WORKERS:-7} --threads 2 "$@" &
+[[ " $recipes " == *" B "* ]] && train B --workers ${WORKERS:-7} --threads 2 --attention-weight 0.2 --attention-from 2 "$@" &
 wait
 ev() {  # name, log name, eval args
     local name=$1 log=$2; shift 2
     timeout $((deadline + 45)) python3 "$here/scripts/eval_needle_model.py" --model "$w/$name/eval-model" --books "$books" \
         --lengths 3500 --deadline "$deadline" --out "$w/$name/$log.json" "$@" >"$w/$name/$log.log" 2>&1
 }
-for name in A B; do
+for name in $recipes; do
     cp -r "$w/$name/model" "$w/$name/eval-model"  # tune writes its profile into the model folder meanwhile
     ev $name eval-full --methods full --samples ${SAMPLES:-100} --beyond 8192,16384 --beyond-samples ${BEYOND:-60} &
     ev $name eval-gem --methods gemfilter --gem paper --samples ${SAMPLES:-100} --sweep-samples ${SWEEP:-30} &
@@ -39,7 +40,7 @@ for name in A B; do
         --lengths 2048 >"$w/$name/tune.log" 2>&1 &
 done
 wait
-for name in A B; do
+for name in $recipes; do
     rm -rf "$w/$name/eval-model"
     tar czf "$out/$name-logs.tgz" -C "$w/$name" --exclude model .
     tar czf - -C "$w/$name" model | split -b 15M - "$out/$name-model.tgz."

@@ -58,3 +58,13 @@ def test_a_two_word_key_it_never_saw_and_a_ten_digit_value(doc):
     sample = hay.sample(random.Random("open"), 1500, needles=1, keys=["velvet harbor"], values=["4817263590"])
     answer = doc.ask(sample.context, sample.question, max_new_tokens=16)
     assert is_correct(answer.text, sample) and answer.text.startswith("4817263590."), answer.text
+
+
+@needs_books
+def test_homer_answers_past_the_trained_window(doc):
+    """HOMER with the profile (calibrated merges) finds a needle in 8,192 tokens, twice the model's 4,096 window."""
+    hay = Haystacks(load_books(BOOKS, held_out=True), doc.tokenizer)
+    sample = hay.sample(random.Random("past the window"), 8192, needles=1, depth=0.5)
+    assert doc.layout(sample.context, sample.question).input_ids().shape[1] > 8192
+    answer = doc.with_method("homer").ask(sample.context, sample.question, max_new_tokens=16)
+    assert is_correct(answer.text, sample), answer.text
