@@ -15,6 +15,7 @@
 #         (held-out books, the bench's keys, which training never used, past the window, HOMER with chunks of 2048
 #         and 4096) and `longdoc tune` it, all in parallel, about 3 min; about 8 minutes in all; RECIPES=B MINUTES=6.5
 #         DEADLINE=110 WORKERS=12 trains B alone: the bundled needle-small, 9 minutes)
+#       | decode-kivi (256 tokens after kivi-4, kivi-2, gemfilter + kv_bits=4 beside full and gemfilter, 8K and 128K)
 #       | batch (longdoc batch on one GPU: Llama-3.1-8B shape, random weights, 40 documents of 32K tokens, 5 questions
 #         each: documents per hour with reuse (one job per document) and without (one job per question))
 set -euo pipefail
@@ -72,7 +73,15 @@ field)
 small)
     # Two recipes side by side (digits in groups of three; with and without the lookup-attention loss), then each
     # evaluated and tuned; back in OUT: {A,B}-logs.tgz and {A,B}-model.tgz.* (cat A-model.tgz.* | tar xzf -).
-    bash benchmarks/needle_small_ab.sh "$out" "${BOOKS:-.data/books}" "${MINUTES:-4.0}" "${DEADLINE:-130}"
+    # TRAIN_ARGS go to both trainings (e.g. TRAIN_ARGS="--rope-theta 10000").
+    # shellcheck disable=SC2086
+    bash benchmarks/needle_small_ab.sh "$out" "${BOOKS:-.data/books}" "${MINUTES:-4.0}" "${DEADLINE:-130}" ${TRAIN_ARGS:-}
+    ;;
+decode-kivi)
+    # KIVI caches decoding in the CUDA graph through flash_decode's quantized kernel (the codes read where they lie),
+    # beside full and gemfilter: 256 new tokens at 8K and 128K, Llama-3.1-8B shape, plain graph.
+    longdoc bench speed --shape llama-3.1-8b --lengths 8k,128k --methods full,kivi-4,kivi-2,gemfilter,gemfilter+kv_bits=4 \
+        --runs 1 --decode-tokens 256 --top-k 1024 --no-reference --out "$out/decode-kivi" -q
     ;;
 batch)
     PYTHONPATH=. python3 benchmarks/batch_throughput.py "$out/batch" --documents 40 --tokens 32768 --questions 5 --top-k 1024

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from .attention import NAME as ATTENTION
-from .attention import decode_attention
 from .errors import LongDocError
 
 # model_type -> how the attention projects queries and keys.
@@ -406,7 +405,8 @@ class Arch:
         modeling code writes it, except that q|k|v and gate|up are one matrix product each (`fused_layers`).
 
         The norms, q/k norms, rotary, output and down projections and the activation are the model's own modules;
-        attention is longdoc_sdpa's `decode_attention` over the first `visible_keys` slots of `cache`.
+        attention is the static cache's `attend` over its first `visible_keys` slots (longdoc_sdpa's `decode_attention`,
+        or for a KIVI cache a kernel that reads the codes where they lie).
         """
         layer, fused = self.layers[index], self._fused[index]
         attn, mlp = layer.self_attn, layer.mlp
@@ -418,8 +418,7 @@ class Arch:
         if self.style == "qk_norm":
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = self._apply_rope(q.transpose(1, 2), k.transpose(1, 2), *position_embeddings)
-        keys, values = cache.update(k, v.transpose(1, 2), index)
-        out = decode_attention(q, keys, values, visible_keys, attn.scaling)
+        out = cache.attend(index, q, k, v.transpose(1, 2), visible_keys, attn.scaling)
         hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(1, 1, -1))
         residual = hidden
         gate, up = nn.functional.linear(

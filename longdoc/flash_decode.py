@@ -44,17 +44,9 @@ def triton_decode_attention(
     """query (1, H, 1, d) over the first `visible` (a (1,) int64 tensor) of key/value (1, Hkv, capacity, d), each
     key and value row contiguous."""
     kernels = _kernels()
-    _, heads, _, head_dim = query.shape
     kv_heads, capacity = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
-    piece = piece_len(capacity)
-    pieces = -(-capacity // piece)
-    rows = max(16, triton_next_power_of_2(groups))  # tl.dot wants 16 rows at least; the spare ones are zeros
-    width = max(16, triton_next_power_of_2(head_dim))
-    query = query.contiguous()
-    partial = torch.empty((kv_heads, pieces, rows, width), dtype=torch.float32, device=query.device)
-    lse = torch.empty((kv_heads, pieces, rows), dtype=torch.float32, device=query.device)
-    kernels.pieces[(kv_heads, pieces)](
+    query, partial, lse, shape = _partials(query, kv_heads, capacity)
+    kernels.pieces[(kv_heads, shape["PIECES"])](
         query,
         key,
         value,
@@ -67,29 +59,97 @@ def triton_decode_attention(
         key.stride(2),
         value.stride(1),
         value.stride(2),
-        GROUPS=groups,
-        HEAD_DIM=head_dim,
-        ROWS=rows,
-        WIDTH=width,
-        PIECE=piece,
-        PIECES=pieces,
+        **shape,
         BLOCK=BLOCK_KEYS,
         IEEE=query.dtype == torch.float32,
         num_warps=4,
         num_stages=2,
     )
+    return _join(query, partial, lse, shape)
+
+
+def triton_quantized_decode_attention(
+    query: torch.Tensor,
+    prompt: tuple[torch.Tensor, ...],
+    folded: tuple[torch.Tensor, ...],
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
+    bits: int,
+    capacity: int,
+) -> torch.Tensor:
+    """`triton_decode_attention` over a KIVI cache of fixed addresses (static_quantized.py), read where it lies.
+
+    Positions [0, P) are the prompt's codes (`prompt`: key codes, steps, minimums, then the values', as
+    quantized.PARTS; P their rows), [P, quantized_rows(visible)) the codes folded while decoding (`folded`, from
+    position P on) and the rest the full-precision ring (`tail_keys` / `tail_values`, position p at p % its rows).
+    Each tile of BLOCK_KEYS = GROUP keys lies in one of the three, and its codes are dequantized in registers as
+    `dequantize_keys` / `dequantize_values` compute them, then cast to the cache's dtype. In bf16 or fp16 code x step
+    is exact in float32, so the fused multiply-add the compiler makes of it rounds as their multiply then add: the
+    tile equals the dequantized buffer's, and the output the dequantize-then-attend path's, to the bit. In float32
+    the product rounds, and a fused multiply-add may differ from it in the last bit. All parts contiguous.
+    """
+    kernels = _kernels()
+    kv_heads, head_dim = tail_keys.shape[1], tail_keys.shape[-1]
+    window = tail_keys.shape[2]
+    prompt_rows = prompt[0].shape[2]
+    if not prompt_rows:  # never read; empty tensors may have no address to hand a kernel
+        prompt = folded
+    query, partial, lse, shape = _partials(query, kv_heads, capacity)
+    kernels.quantized_pieces[(kv_heads, shape["PIECES"])](
+        query,
+        *prompt,
+        *folded,
+        tail_keys,
+        tail_values,
+        visible,
+        partial,
+        lse,
+        scale * math.log2(math.e),
+        query.stride(1),
+        prompt_rows,
+        folded[0].shape[2],
+        **shape,
+        BLOCK=BLOCK_KEYS,
+        BITS=bits,
+        VALUE_GROUP=head_dim // folded[4].shape[-1],
+        WINDOW=window,
+        IEEE=query.dtype == torch.float32,
+        num_warps=4,
+        num_stages=2,
+    )
+    return _join(query, partial, lse, shape)
+
+
+def _partials(query: torch.Tensor, kv_heads: int, capacity: int) -> tuple[torch.Tensor, ...]:
+    """The contiguous query, the pieces' partial outputs and log-sum-exps, and the shape constants."""
+    _, heads, _, head_dim = query.shape
+    groups = heads // kv_heads
+    piece = piece_len(capacity)
+    pieces = -(-capacity // piece)
+    rows = max(16, triton_next_power_of_2(groups))  # tl.dot wants 16 rows at least; the spare ones are zeros
+    width = max(16, triton_next_power_of_2(head_dim))
+    partial = torch.empty((kv_heads, pieces, rows, width), dtype=torch.float32, device=query.device)
+    lse = torch.empty((kv_heads, pieces, rows), dtype=torch.float32, device=query.device)
+    shape = dict(GROUPS=groups, HEAD_DIM=head_dim, ROWS=rows, WIDTH=width, PIECE=piece, PIECES=pieces)
+    return query.contiguous(), partial, lse, shape
+
+
+def _join(query: torch.Tensor, partial: torch.Tensor, lse: torch.Tensor, shape: dict) -> torch.Tensor:
     out = torch.empty_like(query)
-    kernels.join[(kv_heads, groups)](
+    kv_heads, pieces = partial.shape[:2]
+    _kernels().join[(kv_heads, shape["GROUPS"])](
         partial,
         lse,
         out,
         out.stride(1),
-        HEAD_DIM=head_dim,
-        ROWS=rows,
-        WIDTH=width,
+        HEAD_DIM=shape["HEAD_DIM"],
+        ROWS=shape["ROWS"],
+        WIDTH=shape["WIDTH"],
         PIECES=pieces,
         SPAN=triton_next_power_of_2(pieces),
-        GROUPS=groups,
+        GROUPS=shape["GROUPS"],
         num_warps=4,
     )
     return out
@@ -101,103 +161,8 @@ def triton_next_power_of_2(n: int) -> int:
 
 @lru_cache
 def _kernels():
-    """The two Triton kernels, defined on first use so that importing longdoc never imports Triton."""
-    import triton
-    import triton.language as tl
+    """The Triton kernels (flash_decode_kernels.py), imported on first use so that importing longdoc never imports
+    Triton."""
+    from . import flash_decode_kernels
 
-    @triton.jit
-    def pieces_kernel(
-        Q,
-        K,
-        V,
-        Visible,
-        Partial,
-        Lse,
-        scale_log2,
-        stride_qh,
-        stride_kh,
-        stride_kn,
-        stride_vh,
-        stride_vn,
-        GROUPS: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        ROWS: tl.constexpr,
-        WIDTH: tl.constexpr,
-        PIECE: tl.constexpr,
-        PIECES: tl.constexpr,
-        BLOCK: tl.constexpr,
-        IEEE: tl.constexpr,
-    ):
-        """One (key head, piece): the packed queries over the piece's visible keys, online softmax in base 2."""
-        kv_head = tl.program_id(0)
-        piece = tl.program_id(1)
-        visible = tl.load(Visible + 0 * piece)
-        row = tl.arange(0, ROWS)
-        dim = tl.arange(0, WIDTH)
-        q_mask = (row[:, None] < GROUPS) & (dim[None, :] < HEAD_DIM)
-        q = tl.load(Q + (kv_head * GROUPS + row[:, None]) * stride_qh + dim[None, :], mask=q_mask, other=0.0)
-        start = piece * PIECE
-        end = tl.minimum(start + PIECE, visible)
-        k_base = K + kv_head.to(tl.int64) * stride_kh
-        v_base = V + kv_head.to(tl.int64) * stride_vh
-        top = tl.full([ROWS], float("-inf"), tl.float32)
-        total = tl.zeros([ROWS], tl.float32)
-        acc = tl.zeros([ROWS, WIDTH], tl.float32)
-        for first in range(start, end, BLOCK):
-            key_index = first + tl.arange(0, BLOCK)
-            shown = key_index < end
-            kv_mask = shown[:, None] & (dim[None, :] < HEAD_DIM)
-            k = tl.load(k_base + key_index[:, None] * stride_kn + dim[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-            scores = tl.where(shown[None, :], scores * scale_log2, float("-inf"))
-            new_top = tl.maximum(top, tl.max(scores, 1))
-            rescale = tl.exp2(top - new_top)
-            weights = tl.exp2(scores - new_top[:, None])
-            total = total * rescale + tl.sum(weights, 1)
-            v = tl.load(v_base + key_index[:, None] * stride_vn + dim[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision="ieee")
-            else:
-                acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
-            top = new_top
-        # A piece past `visible` holds nothing: output 0 and log-sum-exp -inf, so the join weighs it 0.
-        safe = tl.where(total > 0, total, 1.0)
-        cell = (kv_head * PIECES + piece) * ROWS
-        tl.store(Partial + (cell + row[:, None]) * WIDTH + dim[None, :], acc / safe[:, None])
-        tl.store(Lse + cell + row, top + tl.log2(safe))  # base 2, as the scores
-
-    @triton.jit
-    def join_kernel(
-        Partial,
-        Lse,
-        Out,
-        stride_oh,
-        HEAD_DIM: tl.constexpr,
-        ROWS: tl.constexpr,
-        WIDTH: tl.constexpr,
-        PIECES: tl.constexpr,
-        SPAN: tl.constexpr,
-        GROUPS: tl.constexpr,
-    ):
-        """One query head: its pieces' outputs weighted by exp2(lse_piece - lse_all)."""
-        kv_head = tl.program_id(0)
-        group = tl.program_id(1)
-        piece = tl.arange(0, SPAN)
-        dim = tl.arange(0, WIDTH)
-        cells = (kv_head * PIECES + piece) * ROWS + group
-        lse = tl.load(Lse + cells, mask=piece < PIECES, other=float("-inf"))
-        weights = tl.exp2(lse - tl.max(lse, 0))
-        weights = weights / tl.sum(weights, 0)
-        parts = tl.load(Partial + cells[:, None] * WIDTH + dim[None, :], mask=(piece < PIECES)[:, None], other=0.0)
-        out = tl.sum(parts * weights[:, None], 0)
-        head = kv_head * GROUPS + group
-        tl.store(Out + head * stride_oh + dim, out.to(Out.dtype.element_ty), mask=dim < HEAD_DIM)
-
-    class Kernels:
-        pieces = pieces_kernel
-        join = join_kernel
-
-    return Kernels
+    return flash_decode_kernels

@@ -9,7 +9,8 @@ appends, the oldest GROUP of them are quantized together (a key group needs GROU
 The attention asks one layer at a time (`update`): that layer is dequantized into one scratch buffer
 that every layer shares, so full precision is held for one layer, never for the whole cache (one
 scratch per device on a model split over several GPUs: each layer's codes stay on its own device). Graph decoding
-holds the same codes at fixed addresses (static_quantized.py), through the same quantize and dequantize functions.
+holds the same codes at fixed addresses (static_quantized.py), through the same quantize and dequantize functions,
+and on CUDA attends to them with no scratch at all (flash_decode's KIVI kernel dequantizes each tile as it reads it).
 
 A reading (#11) is quantized the same way when its method has `kv_bits`: the store and saved readings
 hold the codes. A question over it runs in prompt mode (`decoding=False`): its own rows are appended

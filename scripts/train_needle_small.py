@@ -1,14 +1,13 @@
 """Train needle-small: a 12-layer Llama whose prompt's last token retrieves (GemFilter's premise), any key.
 
-One command on one GPU, fixed seeds. The bundled examples/models/needle-small was made before the digit groups and
-the attention loss existed; this reproduces it (5 minutes of training, 5.5 in all, on an H200):
+One command on one GPU, fixed seeds. The bundled examples/models/needle-small is the two defaults below with the
+lookup-attention loss, trained alone for 6.5 minutes on an H200 (benchmarks/results/needle-small-b/):
 
-    python scripts/train_needle_small.py --books ../shared/corpus/books --out examples/models/needle-small \\
-        --digit-groups 1
+    python scripts/train_needle_small.py --books ../shared/corpus/books --out examples/models/needle-small \
+        --minutes 6.5 --attention-weight 0.2 --attention-from 2
 
-The next recipe, prepared and smoke-tested on CPU but not yet trained (issue #23: the GPU could not be started), is
-the two defaults below; `bash benchmarks/needle_small_ab.sh OUT BOOKS 4.0 130` trains it with and without the
-attention loss side by side on one GPU, then evaluates and tunes both.
+`RECIPES=B WORKERS=12 MINUTES=6.5 DEADLINE=110 bash benchmarks/gpu.sh small OUT` runs that, then evaluates and
+tunes it (benchmarks/needle_small_ab.sh; without RECIPES it trains with and without the loss side by side).
 
 What differs from needle-tiny (scripts/train_needle_model.py, whose template and curriculum it reuses):
 - The answer starts with the value (`{value}.`), so the prompt's last token (the assistant header's newline)
@@ -253,7 +252,7 @@ def build_model(tokenizer, args) -> LlamaForCausalLM:
         num_key_value_heads=args.kv_heads,
         head_dim=64,
         max_position_embeddings=WINDOW,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -435,7 +434,13 @@ def main() -> None:
         type=int,
         choices=(1, 3),
         default=3,
-        help="digits per token: 3 (Llama 3's groups) or 1 (needle-tiny's tokenizer, as the bundled needle-small)",
+        help="digits per token: 3 (Llama 3's groups) or 1 (needle-tiny's tokenizer, as the first needle-small)",
+    )
+    parser.add_argument(
+        "--rope-theta",
+        type=float,
+        default=500000.0,
+        help="RoPE base: Llama 3's 500000 (full still answers at 2x the window), or 10000 as Llama 2's",
     )
     parser.add_argument("--batch-tokens", type=int, default=65536)
     parser.add_argument("--lr", type=float, default=1e-3)

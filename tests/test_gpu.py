@@ -215,6 +215,48 @@ def test_split_kv_kernel_matches_the_math(dtype, filled):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim, length",
+    [(32, 8, 128, 32768 + 100), (32, 8, 128, 50), (32, 32, 96, 300), (4, 2, 64, 319)],
+)  # fmt: skip
+def test_quantized_decode_kernel_equals_dequantize_then_attend(dtype, bits, heads, kv_heads, head_dim, length):
+    """The KIVI kernel (#20) reads the prompt's codes, the groups folded while decoding and the ring where they lie
+    (Llama-3.1-8B's shape at 32K, a prompt too short for codes, Phi-3's 96-wide heads with value groups of 32, a
+    prompt that folds at its first step): at every step through two folds its output equals flash_decode's kernel
+    over the layer dequantized into the scratch buffer, to the bit in bf16 (in float32 a fused multiply-add may round
+    a dequantized value's last bit otherwise)."""
+    from longdoc.cache import KVCache
+    from longdoc.decode_graph import static_capacity
+    from longdoc.flash_decode import triton_decode_attention, triton_usable
+    from longdoc.quantized import QuantizedCache
+    from longdoc.static_quantized import WINDOW, StaticQuantizedCache
+
+    assert triton_usable()
+    source = KVCache(1)
+    source.update(*torch.randn(2, 1, kv_heads, length, head_dim, device="cuda", dtype=dtype), 0)
+    steps = WINDOW + 100
+    static = StaticQuantizedCache(QuantizedCache(source, bits), static_capacity(length + steps))
+    for _ in range(steps):
+        query = torch.randn(1, heads, 1, head_dim, device="cuda", dtype=dtype)
+        rows = torch.randn(2, 1, kv_heads, 1, head_dim, device="cuda", dtype=dtype)
+        static.reveal_slot()
+        visible = static.slot + 1
+        got = static.attend(0, query, *rows, visible, head_dim**-0.5)
+        keys, values = static._scratch(static.layers[0])
+        static.layers[0].dequantize_into(keys, values, visible, static.offsets)
+        capacity = static.capacity
+        want = triton_decode_attention(
+            query, keys[..., :capacity, :], values[..., :capacity, :], visible, head_dim**-0.5
+        )
+        if dtype == torch.bfloat16:
+            assert torch.equal(got, want), (int(visible), (got - want).abs().max().item())
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        static.slot.add_(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     "heads, kv_heads, head_dim, capacity, visible",
     [(32, 8, 128, 1280, 1), (32, 8, 128, 1280, 1057), (32, 8, 128, 131328, 131073), (40, 10, 128, 2304, 2200),
