@@ -98,45 +98,88 @@ def pieces(
 
 
 @triton.jit
-def dequantized_tile(
+def unpacked_codes(Codes, place, row, shown, dim, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr, BITS: tl.constexpr):
+    """Rows `row` of one head's packed codes, (BLOCK, WIDTH) integers: channel c in byte c // (8 / BITS) at bit
+    (c % (8 / BITS)) * BITS (quantized.pack). Power-of-two heads read each byte once and spread it in registers; other
+    widths (Phi-3's 96) read a byte per channel."""
+    PER: tl.constexpr = 8 // BITS
+    CODE_WIDTH: tl.constexpr = HEAD_DIM // PER
+    if HEAD_DIM == WIDTH:
+        column = tl.arange(0, CODE_WIDTH)
+        byte = tl.load(Codes + place + row[:, None] * CODE_WIDTH + column[None, :], mask=shown[:, None], other=0)
+        if PER == 1:
+            return byte
+        shift = (tl.arange(0, PER) * BITS).to(tl.uint8)
+        spread = (byte[:, :, None] >> shift[None, None, :]) & (2**BITS - 1)
+        return tl.reshape(spread, (row.shape[0], WIDTH))
+    mask = shown[:, None] & (dim[None, :] < HEAD_DIM)
+    byte = tl.load(Codes + place + row[:, None] * CODE_WIDTH + dim[None, :] // PER, mask=mask, other=0)
+    return (byte >> ((dim[None, :] % PER) * BITS).to(tl.uint8)) & (2**BITS - 1)
+
+
+@triton.jit
+def dequantized_keys(
     Codes,
     Step,
     Minimum,
     head,
-    row,
-    tile_row,
+    rows,
+    first,
+    start_row,
+    shown,
     dim,
-    mask,
-    groups_rows,
-    step_rows,
-    STEP_PER_ROW: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    WIDTH: tl.constexpr,
     BITS: tl.constexpr,
-    STEP_GROUP: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """Rows `row` (tile_row for the steps of keys) of one head's codes as float32: code * step + minimum.
-
-    Codes are (rows, HEAD_DIM * BITS / 8) bytes, channel c in byte c // (8 / BITS) at bit (c % (8 / BITS)) * BITS
-    (quantized.pack); steps and minimums one per (step row, c // STEP_GROUP)."""
-    PER: tl.constexpr = 8 // BITS
-    code_width: tl.constexpr = HEAD_DIM * BITS // 8
-    step_width: tl.constexpr = HEAD_DIM // STEP_GROUP
+    """Keys of the tile at row `first` of a part holding `rows` rows, `start_row` its first position: code * step +
+    minimum in float32 as `dequantize_keys`, with the group's one step and minimum per channel."""
     head = head.to(tl.int64)
-    byte = tl.load(
-        Codes + head * groups_rows * code_width + row[:, None] * code_width + dim[None, :] // PER,
-        mask=mask,
-        other=0,
-    )
-    code = (byte >> ((dim[None, :] % PER) * BITS).to(tl.uint8)) & (2**BITS - 1)
-    if STEP_PER_ROW:
-        place = head * step_rows * step_width + row[:, None] * step_width + dim[None, :] // STEP_GROUP
-        step = tl.load(Step + place, mask=mask, other=0.0).to(tl.float32)
-        low = tl.load(Minimum + place, mask=mask, other=0.0).to(tl.float32)
-    else:  # one step row for the whole tile (a key group)
-        place = head * step_rows * step_width + tile_row * step_width + dim // STEP_GROUP
-        channel = dim < HEAD_DIM
-        step = tl.load(Step + place, mask=channel, other=0.0).to(tl.float32)[None, :]
-        low = tl.load(Minimum + place, mask=channel, other=0.0).to(tl.float32)[None, :]
+    row = first - start_row + tl.arange(0, BLOCK)
+    code = unpacked_codes(Codes, head * rows * (HEAD_DIM * BITS // 8), row, shown, dim, HEAD_DIM, WIDTH, BITS)
+    place = head * (rows // BLOCK) * HEAD_DIM + (first - start_row) // BLOCK * HEAD_DIM + dim
+    channel = dim < HEAD_DIM
+    step = tl.load(Step + place, mask=channel, other=0.0).to(tl.float32)
+    low = tl.load(Minimum + place, mask=channel, other=0.0).to(tl.float32)
+    return code.to(tl.float32) * step[None, :] + low[None, :]
+
+
+@triton.jit
+def dequantized_values(
+    Codes,
+    Step,
+    Minimum,
+    head,
+    rows,
+    first,
+    start_row,
+    shown,
+    dim,
+    HEAD_DIM: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    VALUE_GROUP: tl.constexpr,
+):
+    """Values of the same tile, as `dequantize_values`: one step and minimum per row and group of VALUE_GROUP
+    channels (read once per group and spread in registers where the head is a power of two wide)."""
+    head = head.to(tl.int64)
+    row = first - start_row + tl.arange(0, BLOCK)
+    code = unpacked_codes(Codes, head * rows * (HEAD_DIM * BITS // 8), row, shown, dim, HEAD_DIM, WIDTH, BITS)
+    GROUPS: tl.constexpr = HEAD_DIM // VALUE_GROUP
+    base = head * rows * GROUPS
+    if HEAD_DIM == WIDTH:
+        group = tl.arange(0, GROUPS)
+        place = base + row[:, None] * GROUPS + group[None, :]
+        step = tl.load(Step + place, mask=shown[:, None], other=0.0).to(tl.float32)
+        low = tl.load(Minimum + place, mask=shown[:, None], other=0.0).to(tl.float32)
+        grouped = tl.reshape(code, (BLOCK, GROUPS, VALUE_GROUP)).to(tl.float32)
+        return tl.reshape(grouped * step[:, :, None] + low[:, :, None], (BLOCK, WIDTH))
+    mask = shown[:, None] & (dim[None, :] < HEAD_DIM)
+    place = base + row[:, None] * GROUPS + dim[None, :] // VALUE_GROUP
+    step = tl.load(Step + place, mask=mask, other=0.0).to(tl.float32)
+    low = tl.load(Minimum + place, mask=mask, other=0.0).to(tl.float32)
     return code.to(tl.float32) * step + low
 
 
@@ -176,8 +219,9 @@ def quantized_pieces(
     WINDOW: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """`pieces_kernel` over a KIVI cache: each tile of BLOCK (= GROUP) keys from the prompt's codes, the folded
-    codes or the ring, dequantized in registers (`triton_quantized_decode_attention`)."""
+    """`pieces` over a KIVI cache: the piece's tiles of BLOCK (= GROUP) keys in order, from the prompt's codes, then
+    the folded codes, then the ring, each dequantized in registers (`triton_quantized_decode_attention`). One loop per
+    part, with no branch inside, so that the compiler can pipeline each loop's loads as it does `pieces`'."""
     kv_head = tl.program_id(0)
     piece = tl.program_id(1)
     visible = tl.load(Visible + 0 * piece)
@@ -187,86 +231,46 @@ def quantized_pieces(
     dtype = TK.dtype.element_ty
     start = piece * PIECE
     end = tl.minimum(start + PIECE, visible)
-    ring_base = kv_head.to(tl.int64) * WINDOW * HEAD_DIM
     top = tl.full([ROWS], float("-inf"), tl.float32)
     total = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, WIDTH], tl.float32)
-    for first in range(start, end, BLOCK):
+    for first in range(start, tl.minimum(end, prompt_rows), BLOCK):
+        shown = first + tl.arange(0, BLOCK) < end
+        k = dequantized_keys(PKC, PKS, PKM, kv_head, prompt_rows, first, 0, shown, dim, HEAD_DIM, WIDTH, BITS, BLOCK)
+        v = dequantized_values(
+            PVC, PVS, PVM, kv_head, prompt_rows, first, 0, shown, dim, HEAD_DIM, WIDTH, BITS, BLOCK, VALUE_GROUP
+        )
+        top, total, acc = attend_tile(q, k.to(dtype), v.to(dtype), shown, top, total, acc, scale_log2, IEEE)
+    for first in range(tl.maximum(start, prompt_rows), tl.minimum(end, quantized), BLOCK):
+        shown = first + tl.arange(0, BLOCK) < end
+        k = dequantized_keys(
+            FKC, FKS, FKM, kv_head, folded_rows, first, prompt_rows, shown, dim, HEAD_DIM, WIDTH, BITS, BLOCK
+        )
+        v = dequantized_values(
+            FVC,
+            FVS,
+            FVM,
+            kv_head,
+            folded_rows,
+            first,
+            prompt_rows,
+            shown,
+            dim,
+            HEAD_DIM,
+            WIDTH,
+            BITS,
+            BLOCK,
+            VALUE_GROUP,
+        )
+        top, total, acc = attend_tile(q, k.to(dtype), v.to(dtype), shown, top, total, acc, scale_log2, IEEE)
+    ring_base = kv_head.to(tl.int64) * WINDOW * HEAD_DIM
+    for first in range(tl.maximum(start, quantized), end, BLOCK):
         offset = tl.arange(0, BLOCK)
         shown = first + offset < end
         kv_mask = shown[:, None] & (dim[None, :] < HEAD_DIM)
-        if first >= quantized:  # the ring: a tile's rows are consecutive there (WINDOW is a multiple of BLOCK)
-            ring = (first % WINDOW + offset)[:, None] * HEAD_DIM + dim[None, :]
-            k = tl.load(TK + ring_base + ring, mask=kv_mask, other=0.0)
-            v = tl.load(TV + ring_base + ring, mask=kv_mask, other=0.0)
-        elif first < prompt_rows:
-            row = first + offset
-            k = dequantized_tile(
-                PKC,
-                PKS,
-                PKM,
-                kv_head,
-                row,
-                first // BLOCK,
-                dim,
-                kv_mask,
-                prompt_rows,
-                prompt_rows // BLOCK,
-                False,
-                HEAD_DIM,
-                BITS,
-                1,
-            ).to(dtype)
-            v = dequantized_tile(
-                PVC,
-                PVS,
-                PVM,
-                kv_head,
-                row,
-                first,
-                dim,
-                kv_mask,
-                prompt_rows,
-                prompt_rows,
-                True,
-                HEAD_DIM,
-                BITS,
-                VALUE_GROUP,
-            ).to(dtype)
-        else:
-            row = first - prompt_rows + offset
-            k = dequantized_tile(
-                FKC,
-                FKS,
-                FKM,
-                kv_head,
-                row,
-                (first - prompt_rows) // BLOCK,
-                dim,
-                kv_mask,
-                folded_rows,
-                folded_rows // BLOCK,
-                False,
-                HEAD_DIM,
-                BITS,
-                1,
-            ).to(dtype)
-            v = dequantized_tile(
-                FVC,
-                FVS,
-                FVM,
-                kv_head,
-                row,
-                first,
-                dim,
-                kv_mask,
-                folded_rows,
-                folded_rows,
-                True,
-                HEAD_DIM,
-                BITS,
-                VALUE_GROUP,
-            ).to(dtype)
+        ring = (first % WINDOW + offset)[:, None] * HEAD_DIM + dim[None, :]  # consecutive: WINDOW is whole tiles
+        k = tl.load(TK + ring_base + ring, mask=kv_mask, other=0.0)
+        v = tl.load(TV + ring_base + ring, mask=kv_mask, other=0.0)
         top, total, acc = attend_tile(q, k, v, shown, top, total, acc, scale_log2, IEEE)
     store_piece(Partial, Lse, kv_head, piece, top, total, acc, PIECES, ROWS, WIDTH)
 

@@ -20,7 +20,8 @@ are all there, quantized_rows(slot + 1) moves past them, and they are the eager 
 Attention (`attend`): on CUDA flash_decode's kernel reads the codes where they lie and dequantizes each tile in
 registers. Dequantizing the whole layer into a scratch buffer at every token first (the eager cache's way, and
 still the path on CPU and through the model's own attention modules) made a 4-bit cache decode at 45 tokens/s at
-8K and 7 at 128K on an H200 (Llama-3.1-8B shape, plain graph), against 147 and 94 for a bf16 cache.
+8K and 7 at 128K on an H200 (Llama-3.1-8B shape, plain graph), against 147 and 94 for a bf16 cache; the kernel
+gives 86 and 52 (`benchmarks/results/decode-kivi-h200/`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class StaticQuantizedCache(StaticSlots):
         self.groups = quantized_rows(capacity) // GROUP + 1  # the folds the answer can reach, and the next one
         self.layers = [StaticLayer(layer, self.groups) for layer in layers]
         self.scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # made on first use
+        self.fused = first.is_cuda and triton_usable()  # decided here: a compiled step traces `attend`
         self.offsets = torch.arange(WINDOW, device=first.device)  # rows of a group, and of the whole tail
         self.slot = torch.tensor([self.length], device=first.device)
         self.mask = first.new_empty((1, 1, 1, capacity))
@@ -103,7 +105,7 @@ class StaticQuantizedCache(StaticSlots):
     ) -> torch.Tensor:
         """Write one token's states at `slot`; the (1, heads, 1, head_dim) query's attention over `visible` rows."""
         layer = self._append(layer_idx, key_states, value_states)
-        if query.is_cuda and triton_usable():
+        if self.fused:
             parts = [*layer.prompt_parts, *layer.folded_parts(), layer.tail_keys, layer.tail_values]
             return quantized_decode_attention(query, parts, visible, scale, self.bits, self.capacity)
         keys, values = self._scratch(layer)
