@@ -198,6 +198,16 @@ class LongDoc:
             **method_options,
         )
 
+    def _method(self, method: Method | str | None) -> Method:
+        """One call's method: the engine's (None), a Method, or a name, which gets the model's profile as at loading."""
+        if method is None:
+            return self.method
+        if isinstance(method, str):
+            return parse_method(method, configure(method, {}, self.profile)[0])
+        if not isinstance(method, Method):
+            raise LongDocError(f"method must be a Method or a method's name, not {type(method).__name__}")
+        return method
+
     # ----- layouts -----
     def layout(self, context: str, question: str) -> PromptLayout:
         return build_layout(self.tokenizer, context, question, self.system_prompt)
@@ -214,7 +224,7 @@ class LongDoc:
         context: str,
         question: str,
         *,
-        method: Method | None = None,
+        method: Method | str | None = None,
         progress: ProgressHook = no_progress,
         **generation,
     ) -> Answer:
@@ -226,7 +236,7 @@ class LongDoc:
         context: str,
         question: str,
         *,
-        method: Method | None = None,
+        method: Method | str | None = None,
         progress: ProgressHook = no_progress,
         **generation,
     ) -> AnswerStream:
@@ -235,9 +245,11 @@ class LongDoc:
         progress("tokenizing", 0, 1)
         layout = self.layout(context, question)
         progress("tokenizing", 1, 1)
-        return self._start(layout, method or self.method, config, progress)
+        return self._start(layout, self._method(method), config, progress)
 
-    def ask_prompt(self, prompt: str | list[tuple[str, str]], *, method: Method | None = None, **generation) -> Answer:
+    def ask_prompt(
+        self, prompt: str | list[tuple[str, str]], *, method: Method | str | None = None, **generation
+    ) -> Answer:
         """Answer a whole prompt as a framework sends it (completion string or chat messages); see `layout_prompt`."""
         return self.stream_prompt(prompt, method=method, **generation).answer
 
@@ -245,24 +257,24 @@ class LongDoc:
         self,
         prompt: str | list[tuple[str, str]],
         *,
-        method: Method | None = None,
+        method: Method | str | None = None,
         progress: ProgressHook = no_progress,
         **generation,
     ) -> AnswerStream:
         config = generation_config(generation)
-        return self._start(self.layout_prompt(prompt), method or self.method, config, progress)
+        return self._start(self.layout_prompt(prompt), self._method(method), config, progress)
 
     # ----- readings -----
     def read(
         self,
         source: str | Document | Path | list,
         *,
-        method: Method | None = None,
+        method: Method | str | None = None,
         progress: ProgressHook = no_progress,
     ) -> Reading:
         """Read a document once: text, a Document, a path, or a list of paths / Documents."""
         document = as_document(source)
-        method = method or self.method
+        method = self._method(method)
         layout = self.layout(document.text, "?")  # the prefix and document do not depend on the question
         head = layout.token_ids()[: layout.reading_len]
         if isinstance(method, Auto):  # auto's reading is the chosen method's (gemfilter's when the text fits)
@@ -280,11 +292,11 @@ class LongDoc:
         folder: str | Path,
         source: str | Document | Path | list | None = None,
         *,
-        method: Method | None = None,
+        method: Method | str | None = None,
     ) -> Reading:
         """A reading saved by `Reading.save`, checked against this model, the method (default: this engine's),
         longdoc's version and the document (default: the text saved with it) before use."""
-        method = method or self.method
+        method = self._method(method)
         try:
             saved = json.loads((Path(folder) / "reading.json").read_text())["document"]
             document = Document(text=saved["text"], source=saved["source"])
@@ -321,11 +333,11 @@ class LongDoc:
 
     # ----- the one data path -----
     def prefill(
-        self, layout: PromptLayout, method: Method | None = None, progress: ProgressHook = no_progress
+        self, layout: PromptLayout, method: Method | str | None = None, progress: ProgressHook = no_progress
     ) -> Prefill:
         """The method's prefill of `layout`, for callers that decode themselves: its cache is their own, so no
         reading is used or kept (the result is the same by construction; see prompt.py's reading_len)."""
-        return self._prefill(layout, method or self.method, progress, use_store=False)[0]
+        return self._prefill(layout, self._method(method), progress, use_store=False)[0]
 
     def _start(self, layout: PromptLayout, method: Method, config: GenerationConfig, progress) -> AnswerStream:
         self._check_question(layout)

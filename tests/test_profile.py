@@ -57,6 +57,19 @@ def test_explicit_options_win_over_the_profile(profiled):
     assert not any("profile" in note for note in plain.ask(CONTEXT, QUESTION, max_new_tokens=2).stats.notes)
 
 
+def test_a_method_named_in_one_call_gets_the_profile_too(profiled):
+    """`ask(..., method="gemfilter")` is parsed as a name given at loading is (the profile's options), and a method
+    of another type is one LongDocError, not an AttributeError deep in the prefill."""
+    doc = LongDoc.from_pretrained(str(profiled), "full", device="cpu")
+    answer = doc.ask(CONTEXT, QUESTION, method="gemfilter", max_new_tokens=2)
+    layout = doc.layout(CONTEXT, QUESTION)
+    kept_context = answer.stats.tokens_kept - (len(layout) - layout.context_len)  # the prefix and suffix are kept
+    assert answer.stats.method == "gemfilter" and kept_context == 48  # the profile's top_k
+    assert doc.ask_prompt(f"{CONTEXT}\n\n{QUESTION}", method="full", max_new_tokens=2).stats.method == "full"
+    with pytest.raises(LongDocError, match="method must be a Method or a method's name, not int"):
+        doc.ask(CONTEXT, QUESTION, method=3)
+
+
 def test_a_damaged_profile_is_one_line(profiled):
     (profiled / FILE_NAME).write_text("{not json")
     with pytest.raises(LongDocError, match="cannot read the model profile .* run longdoc tune again"):
@@ -68,17 +81,17 @@ def test_a_hub_id_profile_lives_in_the_cache_dir(monkeypatch, tmp_path):
     assert profile_path("org/model") == tmp_path / "longdoc" / "profiles" / "org--model" / FILE_NAME
 
 
-def test_the_bundled_model_ships_a_profile_that_answers_the_readme_demo():
-    """The README demo with no flags: `longdoc ask examples/haystack.txt "<question>" --model needle-tiny`."""
+@pytest.mark.parametrize("name", ["needle-small", "needle-tiny"])
+def test_each_bundled_model_ships_a_profile_that_answers_the_readme_demo(name):
+    """The README demo with no other flag: `longdoc ask examples/haystack.txt "<question>" --model needle-small`."""
     from longdoc.cli.main import app
     from typer.testing import CliRunner
 
-    profile = json.loads((NEEDLE_MODEL / FILE_NAME).read_text())
+    model = ROOT / "examples" / "models" / name
+    profile = json.loads((model / FILE_NAME).read_text())
     assert profile["methods"]["gemfilter"]["accuracy"] > 0.5
     question = "What is the special magic number for beacon mentioned in the provided text?"
-    result = CliRunner().invoke(
-        app, ["ask", str(ROOT / "examples" / "haystack.txt"), question, "--model", str(NEEDLE_MODEL)]
-    )
+    result = CliRunner().invoke(app, ["ask", str(ROOT / "examples" / "haystack.txt"), question, "--model", str(model)])
     assert result.exit_code == 0, result.output
     assert "2867825" in result.stdout
 
