@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .attention import decode_attention
+
 Devices = torch.device | str | Sequence[torch.device | str]  # one device for every layer, or one per layer
 
 
@@ -173,6 +175,20 @@ class StaticSlots:
         self.slot.fill_(filled)
         self.mask[..., filled:] = torch.finfo(self.mask.dtype).min
         self.mask[..., :filled] = 0
+
+    def attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        visible: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Write one token's states at `slot` (`update`); the (1, heads, 1, head_dim) query's attention over the
+        first `visible` slots of the buffers `update` returns (`Arch.decode_layer`'s attention)."""
+        keys, values = self.update(key_states, value_states, layer_idx)
+        return decode_attention(query, keys, values, visible, scale)
 
 
 def _grow(buffer: torch.Tensor | None, length: int, capacity: int, like: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from .arch import Arch
 from .attention import NAME as ATTENTION
-from .attention import decode_attention, decode_chunk
+from .attention import decode_chunk
 from .cache import KVCache, StaticSlots
 from .quantized import QuantizedCache
 from .static_quantized import StaticQuantizedCache, layout_reason
@@ -75,19 +75,6 @@ class StaticCache(StaticSlots):
         self.keys[layer_idx].index_copy_(2, self.slot, key_states)
         self.values[layer_idx].index_copy_(2, self.slot, value_states)
         return self.keys[layer_idx], self.values[layer_idx]
-
-    def attend(
-        self,
-        layer_idx: int,
-        query: torch.Tensor,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        visible: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor:
-        """Write one token's states at `slot`; the (1, heads, 1, head_dim) query's attention over `visible` slots."""
-        keys, values = self.update(key_states, value_states, layer_idx)
-        return decode_attention(query, keys, values, visible, scale)
 
 
 def _buffer_with(filled: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import torch
 
-from .attention import decode_attention
 from .cache import StaticSlots
 from .flash_decode import triton_quantized_decode_attention, triton_usable
 from .quantized import (
@@ -103,14 +102,13 @@ class StaticQuantizedCache(StaticSlots):
         visible: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        """Write one token's states at `slot`; the (1, heads, 1, head_dim) query's attention over `visible` rows."""
+        """`StaticSlots.attend`; on CUDA the codes are read where they lie (flash_decode's KIVI kernel), elsewhere the
+        layer is dequantized into the scratch (`update`) first."""
+        if not self.fused:
+            return super().attend(layer_idx, query, key_states, value_states, visible, scale)
         layer = self._append(layer_idx, key_states, value_states)
-        if self.fused:
-            parts = [*layer.prompt_parts, *layer.folded_parts(), layer.tail_keys, layer.tail_values]
-            return quantized_decode_attention(query, parts, visible, scale, self.bits, self.capacity)
-        keys, values = self._scratch(layer)
-        layer.dequantize_into(keys, values, visible, self.offsets)
-        return decode_attention(query, keys[..., : self.capacity, :], values[..., : self.capacity, :], visible, scale)
+        parts = [*layer.prompt_parts, *layer.folded_parts(), layer.tail_keys, layer.tail_values]
+        return quantized_decode_attention(query, parts, visible, scale, self.bits, self.capacity)
 
     def _append(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> StaticLayer:
         layer = self.layers[layer_idx]

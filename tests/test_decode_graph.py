@@ -103,7 +103,7 @@ def test_decode_attention_reads_only_the_visible_slots(visible):
 def test_the_decode_step_tells_attention_how_many_slots_it_sees(tiny_model_dirs, monkeypatch):
     """Every layer's attention in a static step gets `visible_keys` = the slot being fed + 1."""
     import longdoc.attention as attention
-    import longdoc.decode_graph as decode_graph
+    import longdoc.cache as cache
 
     seen = []
     real = attention.decode_attention
@@ -113,7 +113,7 @@ def test_the_decode_step_tells_attention_how_many_slots_it_sees(tiny_model_dirs,
         return real(query, key, value, visible, scale)
 
     monkeypatch.setattr(attention, "decode_attention", spy)  # the model's own layers' path (causal_sdpa)
-    monkeypatch.setattr(decode_graph, "decode_attention", spy)  # Arch.decode_layer's, through StaticCache.attend
+    monkeypatch.setattr(cache, "decode_attention", spy)  # Arch.decode_layer's, through StaticSlots.attend
     doc = load(tiny_model_dirs["llama"], "full", attn=None)
     prefilled = doc.prefill(doc.layout(CONTEXT, QUESTION))
     length = prefilled.cache.seq_length()
