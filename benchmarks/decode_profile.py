@@ -1,6 +1,6 @@
 """Where a graph-decoded token's time goes, on a GPU: tokens/s and a kernel table per attention path and compile.
 
-    PYTHONPATH=. python3 benchmarks/decode_profile.py OUT [--lengths 1056,131072] [--steps 128]
+    PYTHONPATH=. python3 benchmarks/decode_profile.py OUT [--lengths 1056,131072] [--steps 128] [--kv-bits 4]
 
 For each cache length (random keys and values, Llama-3.1-8B shape, random bf16 weights) and each variant --
 attention through the Triton flash-decoding kernel (`triton`) or PyTorch's masked split-KV path (`masked`), the
@@ -8,6 +8,8 @@ step plain or torch.compile'd -- it prints decode tokens/s as `generate_tokens` 
 the GPU time per replay without host syncs, the bandwidth floor of the same run, and writes the profiler's kernel
 table of a few replays to OUT/profiles.txt. Before timing it checks the two attention paths give the same logits.
 It also times each of the model's matrix shapes as one cuBLAS GEMV in a graph (the weights' share of the floor).
+With `--kv-bits` the cache is KIVI's (`QuantizedCache`, #20): its table shows what the per-step fold costs beside
+the attention kernel.
 """
 
 from __future__ import annotations
@@ -20,21 +22,23 @@ from pathlib import Path
 import torch
 
 import longdoc.flash_decode as flash_decode
+import longdoc.static_quantized as static_quantized
 from longdoc.arch import Arch
 from longdoc.attention import NAME as ATTENTION
 from longdoc.bench.shapes import random_model
 from longdoc.bench.speed import copy_bandwidth
 from longdoc.cache import KVCache
 from longdoc.decode_graph import StaticDecoder
+from longdoc.quantized import QuantizedCache
 
 
-def random_cache(arch: Arch, length: int) -> KVCache:
+def random_cache(arch: Arch, length: int, kv_bits: int | None = None) -> KVCache | QuantizedCache:
     cache = KVCache(arch.num_layers)
     shape = (1, arch.num_kv_heads, length, arch.head_dim)
     for i in range(arch.num_layers):
         keys = torch.randn(shape, device=arch.device, dtype=arch.dtype)
         cache.update(keys, torch.randn_like(keys), i)
-    return cache
+    return cache if kv_bits is None else QuantizedCache(cache, kv_bits, free=True)
 
 
 def graph_seconds(graph: torch.cuda.CUDAGraph, replays: int) -> float:
@@ -48,11 +52,10 @@ def graph_seconds(graph: torch.cuda.CUDAGraph, replays: int) -> float:
     return begin.elapsed_time(end) / 1000 / replays
 
 
-def run_variant(arch: Arch, cache: KVCache, length: int, path: str, compile: bool, steps: int, out: Path) -> dict:
-    if path == "masked":
-        flash_decode.triton_usable = lambda: False  # noqa: E731 - the probe's switch between the two paths
-    else:
-        flash_decode.triton_usable = TRITON_USABLE
+def run_variant(
+    arch: Arch, cache: KVCache | QuantizedCache, length: int, path: str, compile: bool, steps: int, out: Path
+) -> dict:
+    use_path(path)
     started = time.perf_counter()
     decoder = StaticDecoder(arch, cache, length, max_steps=steps + 32, capture=True, compile=compile)
     setup = time.perf_counter() - started
@@ -71,7 +74,8 @@ def run_variant(arch: Arch, cache: KVCache, length: int, path: str, compile: boo
     kernels = sum(e.count for e in events) / 3
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
     with (out / "profiles.txt").open("a") as f:
-        f.write(f"\n## {length} keys, {path} attention, compile={compile}\n{table}\n")
+        f.write(f"\n## {length} keys, {path} attention, compile={compile}, kv_bits={getattr(cache, 'bits', None)}\n")
+        f.write(f"{table}\n")
     return dict(
         length=length,
         path=path,
@@ -83,11 +87,11 @@ def run_variant(arch: Arch, cache: KVCache, length: int, path: str, compile: boo
     )
 
 
-def same_logits(arch: Arch, cache: KVCache, length: int) -> float:
+def same_logits(arch: Arch, cache: KVCache | QuantizedCache, length: int) -> float:
     """Max |logits| difference between the two attention paths over 8 eager static steps (bf16)."""
     got = {}
     for path in ("masked", "triton"):
-        flash_decode.triton_usable = (lambda: False) if path == "masked" else TRITON_USABLE  # noqa: E731
+        use_path(path)
         decoder = StaticDecoder(arch, cache, length, max_steps=8, capture=False)
         got[path] = torch.stack([decoder(1 + i, length + i) for i in range(8)])
         del decoder
@@ -126,6 +130,12 @@ def gemv_table(arch: Arch, bandwidth: float) -> list[dict]:
 TRITON_USABLE = flash_decode.triton_usable
 
 
+def use_path(path: str) -> None:
+    """The probe's switch between the two attention paths (a KIVI cache's `masked` is its scratch path)."""
+    usable = (lambda: False) if path == "masked" else TRITON_USABLE  # noqa: E731
+    flash_decode.triton_usable = static_quantized.triton_usable = usable
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -133,6 +143,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--paths", default="masked,triton", help="attention paths to time")
     parser.add_argument("--steps-kind", default="plain,compiled", help="plain and/or compiled steps")
+    parser.add_argument("--kv-bits", type=int, default=None, help="a KIVI cache of 8, 4 or 2 bits (#20)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
@@ -140,11 +151,13 @@ def main() -> None:
     arch = Arch(model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(device)
-    report = dict(weight_bytes=weights, bandwidth=bandwidth, gemv=gemv_table(arch, bandwidth), runs=[])
+    report = dict(
+        weight_bytes=weights, bandwidth=bandwidth, kv_bits=args.kv_bits, gemv=gemv_table(arch, bandwidth), runs=[]
+    )
     for row in report["gemv"]:
         print(f"gemv {row['shape']}: {row['microseconds']:.1f} us, {row['of_bandwidth']:.0%} of the copy bandwidth")
     for length in [int(n) for n in args.lengths.split(",")]:
-        cache = random_cache(arch, length)
+        cache = random_cache(arch, length, args.kv_bits)
         cache_bytes = cache.nbytes()
         floor = bandwidth / (weights + cache_bytes)
         report.setdefault("agreement", {})[length] = same_logits(arch, cache, length)

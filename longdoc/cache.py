@@ -166,8 +166,8 @@ class StaticSlots:
     slot: torch.Tensor
     mask: torch.Tensor
 
-    def reveal_slot(self) -> None:
-        """Let attention see `slot` (the token being fed attends to itself)."""
+    def begin_step(self) -> None:
+        """Before a step's layers: let attention see `slot` (the token being fed attends to itself)."""
         self.mask.index_fill_(-1, self.slot, 0)
 
     def reset(self, filled: int) -> None:

@@ -105,7 +105,7 @@ def decode_step(arch: Arch, cache: StaticCache, input_ids: torch.Tensor, positio
     """Feed `input_ids` at `position_ids` into `cache`'s next slot; advance both; the next (1, vocab) logits."""
     hidden = arch.embed(input_ids)
     position_embeddings = arch.rotary(hidden, position_ids)
-    cache.reveal_slot()
+    cache.begin_step()
     visible = cache.slot + 1
     logits = arch.head(arch.forward(hidden, position_embeddings, cache, mask=cache.mask, visible_keys=visible))
     cache.slot.add_(1)

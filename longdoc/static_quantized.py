@@ -10,12 +10,16 @@ quantized_rows(L) = (L - RESIDUAL) // GROUP * GROUP of them (at least 0) are cod
 (`QuantizedLayer` keeps exactly that, from a prompt's cache or a reading's lease handed to decoding:
 `layout_reason` checks it).
 
-Folding: at every step each layer quantizes the tail's oldest GROUP rows, positions [quantized_rows(slot), + GROUP),
-into the group after its codes. Until the tail reaches RESIDUAL + GROUP rows that group is past the codes in use
-and is written again at the next step; at the step where the eager cache folds (`QuantizedLayer.settle`), the rows
-are all there, quantized_rows(slot + 1) moves past them, and they are the eager cache's codes to the bit (the same
-`quantize_keys` / `quantize_values` on the same rows). The ring needs no shift, so a step that is run and rewound
-(a graph's warm-up) leaves nothing behind that the next step reads.
+Folding: at the start of every step (`begin_step`) every layer's tail's oldest GROUP rows, positions
+[quantized_rows(slot), + GROUP), are quantized into the group after its codes. Until the tail reaches RESIDUAL +
+GROUP rows that group is past the codes in use and is written again at the next step; at the step where the eager
+cache folds (`QuantizedLayer.settle`), quantized_rows(slot + 1) moves past the group, whose rows earlier steps all
+wrote (slot - quantized_rows(slot) >= RESIDUAL > GROUP), and its codes are the eager cache's to the bit (the same
+`quantize_keys` / `quantize_values` on the same rows). Because no row of the step itself is needed, all layers
+fold in one pass over buffers stacked layer first: folding layer by layer was some 50 small kernels a layer, 1,600
+of the 3,200 a step replayed for the Llama-3.1-8B shape, and cost a 4-bit cache 88 tokens/s against a bf16 cache's
+154 at 1,056 keys (H200, `benchmarks/decode_profile.py --kv-bits 4`). The ring needs no shift, so a step that is
+run and rewound (a graph's warm-up) leaves nothing behind that the next step reads.
 
 Attention (`attend`): on CUDA flash_decode's kernel reads the codes where they lie and dequantizes each tile in
 registers. Dequantizing the whole layer into a scratch buffer at every token first (the eager cache's way, and
@@ -62,29 +66,63 @@ def layout_reason(cache: QuantizedCache) -> str | None:
 class StaticQuantizedCache(StaticSlots):
     """Fixed-capacity KIVI codes and tails per layer, written at a device-tensor slot (`StaticCache`'s counterpart).
 
-    `attend(layer_idx, query, keys, values, visible, scale)` appends one token's rows, folds a group where the eager
-    `QuantizedCache` would, and returns the query's attention over the first `visible` positions; `update` appends
-    and folds the same way and returns the layer dequantized into its device's scratch, `capacity` rows (for the
-    model's own attention modules); `slot` and `mask` are `StaticSlots`'. Rewinding the slot (`reset`, after a
-    graph's warm-up step) needs no undoing of the ring or codes.
+    `begin_step` folds every layer's oldest tail group (where the eager `QuantizedCache` would fold, the module's
+    docstring); `attend(layer_idx, query, keys, values, visible, scale)` appends one token's rows and returns the
+    query's attention over the first `visible` positions; `update` appends the same way and returns the layer
+    dequantized into the scratch, `capacity` rows (for the model's own attention modules); `slot` and `mask` are
+    `StaticSlots`'. Rewinding the slot (`reset`, after a graph's warm-up step) needs no undoing of the ring or codes.
     """
 
     def __init__(self, source: QuantizedCache, capacity: int) -> None:
         layers: list[QuantizedLayer] = source.layers  # all there: handed to decoding (`layout_reason`)
-        first = layers[0].tail_keys
-        self.bits, self.capacity, self.length = source.bits, capacity, layers[0].length
+        first_layer = layers[0]
+        device = first_layer.tail_keys.device
+        if any(layer.tail_keys.device != device for layer in layers):
+            raise ValueError("a static KIVI cache holds its layers on one device")
+        self.bits, self.capacity, self.length = source.bits, capacity, first_layer.length
+        self.group = first_layer.group
+        self.prompt_rows = first_layer.quantized  # every layer's: quantized_rows(length) (`layout_reason`)
         self.groups = quantized_rows(capacity) // GROUP + 1  # the folds the answer can reach, and the next one
-        self.layers = [StaticLayer(layer, self.groups) for layer in layers]
+        # The groups folded while decoding and the rings, one tensor per part with the layers first (one fold for all).
+        folded_rows = (self.groups - self.prompt_rows // GROUP) * GROUP
+        self.folded = tuple(
+            _zeros(getattr(first_layer, name), rows, len(layers))
+            for name, rows in zip(PARTS, _part_rows(folded_rows), strict=True)
+        )
+        self.tails = tuple(_zeros(getattr(first_layer, name), WINDOW, len(layers)) for name in TAILS)
+        self.layers = [
+            StaticLayer(layer, tuple(part[i] for part in self.folded), tuple(tail[i] for tail in self.tails))
+            for i, layer in enumerate(layers)
+        ]
         self.scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # made on first use
-        self.fused = first.is_cuda and triton_usable()  # decided here: a compiled step traces `attend`
-        self.offsets = torch.arange(WINDOW, device=first.device)  # rows of a group, and of the whole tail
-        self.slot = torch.tensor([self.length], device=first.device)
-        self.mask = first.new_empty((1, 1, 1, capacity))
+        self.fused = device.type == "cuda" and triton_usable()  # decided here: a compiled step traces `attend`
+        self.offsets = torch.arange(WINDOW, device=device)  # rows of a group, and of the whole tail
+        self.slot = torch.tensor([self.length], device=device)
+        self.mask = first_layer.tail_keys.new_empty((1, 1, 1, capacity))
         self.reset(self.length)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def begin_step(self) -> None:
+        """`StaticSlots.begin_step`; then every layer's tail's oldest GROUP rows, positions [quantized_rows(slot),
+        + GROUP), are quantized into the group after the codes in use, all layers at once."""
+        super().begin_step()
+        start = (self.slot - RESIDUAL).clamp_min(0) // GROUP * GROUP  # quantized_rows(slot), on the device
+        group_rows = self.offsets[:GROUP]
+        ring = start % WINDOW + group_rows  # a whole group never wraps: WINDOW is a multiple of GROUP
+        rows = start - self.prompt_rows + group_rows  # in the buffers of the groups folded while decoding
+        key_codes, key_step, key_min, value_codes, value_step, value_min = (p.flatten(0, 1) for p in self.folded)
+        tail_keys, tail_values = (tail.flatten(0, 1) for tail in self.tails)  # (layers x batch, heads, WINDOW, d)
+        codes, step, minimum = quantize_keys(tail_keys.index_select(2, ring), self.bits)
+        key_codes.index_copy_(2, rows, codes)
+        key_step.index_copy_(2, rows[:1] // GROUP, step)
+        key_min.index_copy_(2, rows[:1] // GROUP, minimum)
+        codes, step, minimum = quantize_values(tail_values.index_select(2, ring), self.bits, self.group)
+        value_codes.index_copy_(2, rows, codes)
+        value_step.index_copy_(2, rows, step)
+        value_min.index_copy_(2, rows, minimum)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write one token's (batch, kv_heads, 1, head_dim) states at `slot`; return the layer's `capacity` rows."""
@@ -107,13 +145,12 @@ class StaticQuantizedCache(StaticSlots):
         if not self.fused:
             return super().attend(layer_idx, query, key_states, value_states, visible, scale)
         layer = self._append(layer_idx, key_states, value_states)
-        parts = [*layer.prompt_parts, *layer.folded_parts(), layer.tail_keys, layer.tail_values]
+        parts = [*layer.prompt_parts, *layer.folded, layer.tail_keys, layer.tail_values]
         return quantized_decode_attention(query, parts, visible, scale, self.bits, self.capacity)
 
     def _append(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> StaticLayer:
         layer = self.layers[layer_idx]
         layer.write_tail(self.slot, key_states, value_states)
-        layer.fold_oldest(self.slot, self.offsets[:GROUP])
         return layer
 
     def _scratch(self, layer: StaticLayer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,53 +170,29 @@ class StaticQuantizedCache(StaticSlots):
 
 
 class StaticLayer:
-    """One layer: the prompt's codes (the source's own tensors, never written), buffers for the groups that decoding
-    can fold in (`groups` key groups in all, counted from position 0), and the tail as a ring of WINDOW rows."""
+    """One layer: the prompt's codes (the source's own tensors, never written), its slices of the cache's buffers for
+    the groups that decoding can fold in (in PARTS' order) and of its rings (the tail, WINDOW rows)."""
 
-    def __init__(self, source: QuantizedLayer, groups: int) -> None:
-        self.bits, self.group = source.bits, source.group
-        self.prompt_rows = source.quantized
+    def __init__(
+        self, source: QuantizedLayer, folded: tuple[torch.Tensor, ...], tails: tuple[torch.Tensor, ...]
+    ) -> None:
+        self.bits, self.prompt_rows = source.bits, source.quantized
         # shared, as a lease shares a reading's (contiguous already: made by torch.cat, a copy or a safetensors load)
         self.prompt_parts = tuple(getattr(source, name).contiguous() for name in PARTS)
-        folded = groups - source.quantized // GROUP
-        self.key_codes = _zeros_with(source.key_codes[..., :0, :], folded * GROUP)
-        self.key_step = _zeros_with(source.key_step[..., :0, :], folded)
-        self.key_min = _zeros_with(source.key_min[..., :0, :], folded)
-        self.value_codes = _zeros_with(source.value_codes[..., :0, :], folded * GROUP)
-        self.value_step = _zeros_with(source.value_step[..., :0, :], folded * GROUP)
-        self.value_min = _zeros_with(source.value_min[..., :0, :], folded * GROUP)
-        self.tail_keys = _zeros_with(source.tail_keys[..., :0, :], WINDOW)  # zeros: unused rows never hold NaN
-        self.tail_values = _zeros_with(source.tail_values[..., :0, :], WINDOW)
+        self.folded = folded
+        self.tail_keys, self.tail_values = tails
         ring = (source.quantized + torch.arange(source.tail, device=source.tail_keys.device)) % WINDOW
         self.tail_keys.index_copy_(2, ring, source.tail_keys[..., : source.tail, :])
         self.tail_values.index_copy_(2, ring, source.tail_values[..., : source.tail, :])
 
-    def folded_parts(self) -> tuple[torch.Tensor, ...]:
-        """The folded groups' buffers in PARTS' order."""
-        return (self.key_codes, self.key_step, self.key_min, self.value_codes, self.value_step, self.value_min)
-
     def scratch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Zeroed full-precision keys and values of `rows` rows, as this layer's attention reads them."""
-        return _zeros_with(self.tail_keys[..., :0, :], rows), _zeros_with(self.tail_values[..., :0, :], rows)
+        return _zeros(self.tail_keys, rows), _zeros(self.tail_values, rows)
 
     def write_tail(self, slot: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         ring = slot % WINDOW
         self.tail_keys.index_copy_(2, ring, keys)
         self.tail_values.index_copy_(2, ring, values)
-
-    def fold_oldest(self, slot: torch.Tensor, group_rows: torch.Tensor) -> None:
-        """Quantize the tail's oldest GROUP rows into the group after the codes in use (see the module's docstring)."""
-        start = (slot - RESIDUAL).clamp_min(0) // GROUP * GROUP  # quantized_rows(slot), on the device
-        ring = start % WINDOW + group_rows  # a whole group never wraps: WINDOW is a multiple of GROUP
-        rows = start - self.prompt_rows + group_rows  # in the buffers of the groups folded while decoding
-        codes, step, minimum = quantize_keys(self.tail_keys.index_select(2, ring), self.bits)
-        self.key_codes.index_copy_(2, rows, codes)
-        self.key_step.index_copy_(2, rows[:1] // GROUP, step)
-        self.key_min.index_copy_(2, rows[:1] // GROUP, minimum)
-        codes, step, minimum = quantize_values(self.tail_values.index_select(2, ring), self.bits, self.group)
-        self.value_codes.index_copy_(2, rows, codes)
-        self.value_step.index_copy_(2, rows, step)
-        self.value_min.index_copy_(2, rows, minimum)
 
     def dequantize_into(
         self, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, window_rows: torch.Tensor
@@ -189,7 +202,7 @@ class StaticLayer:
         quantized_rows(length)."""
         if self.prompt_rows:
             _dequantize_rows(keys, values, 0, self.prompt_parts, self.bits)
-        _dequantize_rows(keys, values, self.prompt_rows, self.folded_parts(), self.bits)
+        _dequantize_rows(keys, values, self.prompt_rows, self.folded, self.bits)
         tail = (length - RESIDUAL).clamp_min(0) // GROUP * GROUP + window_rows
         keys.index_copy_(2, tail, self.tail_keys.index_select(2, tail % WINDOW))
         values.index_copy_(2, tail, self.tail_values.index_select(2, tail % WINDOW))
@@ -222,8 +235,14 @@ def _dequantize_rows(
     values[..., start:end, :] = dequantize_values(value_codes, value_step, value_min, bits)
 
 
-def _zeros_with(filled: torch.Tensor, rows: int) -> torch.Tensor:
-    """A zeroed buffer of `rows` rows (dim -2) that starts with `filled`."""
-    buffer = filled.new_zeros((*filled.shape[:-2], rows, filled.shape[-1]))
-    buffer[..., : filled.shape[-2], :] = filled
-    return buffer
+TAILS = ("tail_keys", "tail_values")  # a layer's full-precision rows
+
+
+def _part_rows(rows: int) -> tuple[int, ...]:
+    """Rows of each of PARTS for `rows` quantized rows: key steps and minimums are one row per group of tokens."""
+    return rows, rows // GROUP, rows // GROUP, rows, rows, rows
+
+
+def _zeros(like: torch.Tensor, rows: int, *leading: int) -> torch.Tensor:
+    """Zeros (unused rows never hold NaN) of like's dtype and shape but `rows` rows (dim -2), after `leading` dims."""
+    return like.new_zeros((*leading, *like.shape[:-2], rows, like.shape[-1]))

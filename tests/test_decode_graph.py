@@ -33,7 +33,7 @@ def test_static_cache_writes_at_the_slot_and_masks_the_unwritten_slots():
     assert cache.mask[0, 0, 0].tolist() == [0] * 5 + [minimum] * 3
 
     new_keys, new_values = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4)
-    cache.reveal_slot()
+    cache.begin_step()
     keys, values = cache.update(new_keys, new_values, 1)
     assert keys.shape[-2] == 8 and keys.data_ptr() == cache.keys[1].data_ptr()
     torch.testing.assert_close(keys[..., 5:6, :], new_keys, rtol=0, atol=0)

@@ -241,7 +241,7 @@ def test_quantized_decode_kernel_matches_the_math(dtype, bits, heads, kv_heads, 
     for _ in range(steps):
         query = torch.randn(1, heads, 1, head_dim, device="cuda", dtype=dtype)
         rows = torch.randn(2, 1, kv_heads, 1, head_dim, device="cuda", dtype=dtype)
-        static.reveal_slot()
+        static.begin_step()
         visible = static.slot + 1
         got = static.attend(0, query, *rows, visible, head_dim**-0.5)
         keys, values = static._scratch(static.layers[0])

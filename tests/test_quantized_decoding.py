@@ -45,12 +45,12 @@ def test_static_cache_returns_the_eager_rows_as_groups_fold(bits, length, head_d
     before = source.layers[0].tensors()
     static = StaticQuantizedCache(source, static_capacity(length + steps))
     warm_up = torch.randn(2, 1, 2, 1, head_dim, generator=generator)
-    static.reveal_slot()
+    static.begin_step()
     static.update(*warm_up, 0)
     static.reset(length)
     for i in range(steps):
         rows = torch.randn(2, 2, 1, 2, 1, head_dim, generator=generator)
-        static.reveal_slot()
+        static.begin_step()
         for layer in range(2):
             want_keys, want_values = eager.update(*rows[layer], layer)
             keys, values = static.update(*rows[layer], layer)
