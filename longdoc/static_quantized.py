@@ -24,8 +24,8 @@ run and rewound (a graph's warm-up) leaves nothing behind that the next step rea
 Attention (`attend`): on CUDA flash_decode's kernel reads the codes where they lie and dequantizes each tile in
 registers. Dequantizing the whole layer into a scratch buffer at every token first (the eager cache's way, and
 still the path on CPU and through the model's own attention modules) made a 4-bit cache decode at 45 tokens/s at
-8K and 7 at 128K on an H200 (Llama-3.1-8B shape, plain graph), against 147 and 94 for a bf16 cache; the kernel
-gives 86 and 52 (`benchmarks/results/decode-kivi-h200/`).
+8K and 7 at 128K on an H200 (Llama-3.1-8B shape, plain graph), against 151 and 95 for a bf16 cache; the kernel
+gave 86 and 52, and with the one fold for all layers 136 and 66 (`benchmarks/results/decode-kivi-h200/`).
 """
 
 from __future__ import annotations
