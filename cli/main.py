@@ -566,7 +566,11 @@ def _tune(model, books, samples, lengths, top_k, pairs, device, quiet) -> None:
     write_profile(path, data)
     gemfilter, homer = data["methods"]["gemfilter"], data["methods"]["homer"]
     settings = ", ".join(f"{k}={v}" for k, v in gemfilter["options"].items())
-    err.print(f"gemfilter: {settings} (needle accuracy {gemfilter['accuracy']:.2f})", soft_wrap=True)
+    err.print(
+        f"gemfilter: {settings} (grounded answers {gemfilter['grounded']:.2f}, exact {gemfilter['accuracy']:.2f},"
+        f" {gemfilter['needles']} needles a haystack)",
+        soft_wrap=True,
+    )
     err.print(f"homer: calibration={homer['options']['calibration']} (needle accuracy {homer.get('accuracy', 0):.2f})")
     err.print(f"wrote {path}", soft_wrap=True)
 

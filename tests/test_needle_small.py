@@ -26,7 +26,7 @@ def doc() -> LongDoc:
 
 
 def test_the_readme_haystack_with_the_profile(doc):
-    """The profile's method (gemfilter at layer 2, `longdoc tune`'s choice) answers the README demo, value first."""
+    """The profile's method (gemfilter at layer 6, `longdoc tune`'s choice) answers the README demo, value first."""
     text = (ROOT / "examples" / "haystack.txt").read_text(encoding="utf-8")
     answer = doc.with_method("auto").ask(text, QUESTION.format(key="beacon"), max_new_tokens=16)
     assert answer.text.startswith("2867825."), answer.text
@@ -50,6 +50,17 @@ def test_the_last_prompt_token_attends_to_the_needle(doc):
         model.config._attn_implementation = previous
     on_needle = out.attentions[2][0, :, -1, rows].sum(-1)  # each head's share of attention on the needle
     assert on_needle.mean() > 0.5, on_needle
+
+
+@needs_books
+def test_with_four_needles_the_asked_one_is_the_strongest_evidence(doc):
+    """The profile's gemfilter layer is tune's by grounded answers: among four needles it ranks the asked one first
+    (layers 2-4 keep all four and rank it first about half the time: the model's card)."""
+    from longdoc.bench.evaluate import needle_records
+
+    hay = Haystacks(load_books(BOOKS, held_out=True), doc.tokenizer)
+    records = needle_records(doc.with_method("gemfilter"), hay, length=2000, needles=4, samples=4, seed=7)
+    assert [(r["correct"], r["evidence_rank"]) for r in records] == [(True, 0)] * 4, records
 
 
 @needs_books

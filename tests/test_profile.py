@@ -109,8 +109,11 @@ def test_tune_writes_a_profile_that_loading_applies(tmp_path):
     assert result.exit_code == 0, result.output
     profile = json.loads((model / FILE_NAME).read_text())
     gemfilter = profile["methods"]["gemfilter"]
-    assert 0 <= gemfilter["accuracy"] <= 1 and "filter_layer" in gemfilter["options"]
-    assert set(gemfilter["layer_accuracy"]["1024"]) == {str(i) for i in range(9)}
+    assert 0 <= gemfilter["grounded"] <= gemfilter["accuracy"] <= 1 and "filter_layer" in gemfilter["options"]
+    assert gemfilter["needles"] == 4  # scored on haystacks of four needles: exact, and the needle the top evidence
+    exact, grounded = gemfilter["layer_accuracy"]["1024"], gemfilter["layer_grounded"]["1024"]
+    assert set(exact) == set(grounded) == {str(i) for i in range(9)}
+    assert grounded[str(gemfilter["options"]["filter_layer"])] == max(grounded.values())
     homer = profile["methods"]["homer"]  # calibration on/off x chunks of half the window and of the whole window
     assert [(t["calibration"], t["max_chunk_len"]) for t in homer["trials"]] == [
         ("measured", 2048), ("off", 2048), ("measured", 4096), ("off", 4096),

@@ -63,6 +63,12 @@ def accuracy(records: list[dict]) -> float:
     return sum(r["correct"] for r in records) / max(1, len(records))
 
 
+def grounded(records: list[dict]) -> float:
+    """Share of samples answered exactly with the asked needle as the strongest evidence span: an answer a reader can
+    check against the passage longdoc points to first."""
+    return sum(r["correct"] and r["evidence_rank"] == 0 for r in records) / max(1, len(records))
+
+
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95 % Wilson score interval of a proportion: honest at small n and near 0 or 1, unlike p +- z*sqrt(p(1-p)/n)."""
     if n == 0:
