@@ -5,7 +5,8 @@
 # B: the same with the lookup-attention loss (--attention-weight 0.2 on head 0 of layers 2-11).
 # Each: 7 data workers (16 cores for both). Rows per model: full at 3500 tokens (1 and 4 needles, pass key), GemFilter
 # with the paper's scoring (layer sweep, then the best layer), HOMER (default chunks, and chunks of 4096) and full at
-# 8K and 16K; `longdoc tune` writes the profile into the model. Back in OUT: {A,B}-logs.tgz, {A,B}-model.tgz.* (in
+# 8K and 16K; `longdoc tune` writes the profile into the model; then full and the tuned GemFilter through the
+# frameworks' prompt templates (eval_needle_model.py's TEMPLATES). Back in OUT: {A,B}-logs.tgz, {A,B}-model.tgz.* (in
 # pieces of 15 MB: cat A-model.tgz.* | tar xzf -). Smoke test on CPU (2 minutes): WORKERS=1 SAMPLES=2 SWEEP=1
 # BEYOND=1 TUNE=2 bash benchmarks/needle_small_ab.sh /tmp/ab BOOKS 0.15 60 --layers 4 --hidden 64 --ff 128 \
 #   --batch-tokens 4096 --threads 1
@@ -36,8 +37,13 @@ for name in $recipes; do
     ev $name eval-full --methods full --samples ${SAMPLES:-100} --beyond 8192,16384 --beyond-samples ${BEYOND:-60} &
     ev $name eval-gem --methods gemfilter --gem paper --samples ${SAMPLES:-100} --sweep-samples ${SWEEP:-30} &
     ev $name eval-homer4096 --methods none --beyond 8192,16384 --beyond-samples ${BEYOND:-60} --homer '{"max_chunk_len": 4096}' &
-    timeout $((deadline + 45)) python3 -m cli.main tune "$w/$name/model" --books "$books" --samples ${TUNE:-8} \
+    timeout $((deadline + 45)) python3 -m cli.main tune "$w/$name/model" --books "$books" --samples ${TUNE:-16} \
         --lengths 2048 >"$w/$name/tune.log" 2>&1 &
+done
+wait
+for name in $recipes; do  # the frameworks' templates, full and the tuned gemfilter (the profile tune just wrote)
+    cp -r "$w/$name/model" "$w/$name/eval-model"
+    ev $name eval-templates --methods templates --samples ${TEMPLATE_SAMPLES:-100} &
 done
 wait
 for name in $recipes; do

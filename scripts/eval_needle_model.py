@@ -4,23 +4,28 @@
         --samples 200 --out benchmarks/results/needle-tiny-eval.json
 
 Rows: `full` inside the 4096-token window with 1 and 4 needles and the pass key; GemFilter
-(top_k 256) for every filter layer (a sweep) and for the best one on all samples; with --beyond, full and
-HOMER past the window. Keys are the bench's KEYS (needle-small never saw them in training). GemFilter and
-HOMER rows also record where the asked needle ranks among the evidence spans (0: the strongest).
+(top_k 256) for every filter layer (a sweep on haystacks of 4 needles, scored as `longdoc tune` scores it: exact
+answers with the asked needle as the strongest evidence) and for the best one on all samples; with --beyond, full
+and HOMER past the window; with `templates` in --methods, full and the tuned GemFilter through the frameworks' own
+prompt templates (TEMPLATES: text after the question, the document in a system message). Keys are the bench's KEYS
+(needle-small never saw them in training). GemFilter and HOMER rows also record where the asked needle ranks among
+the evidence spans (0: the strongest).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from longdoc import LongDoc  # noqa: E402
-from longdoc.bench.evaluate import needle_records  # noqa: E402
-from longdoc.bench.needle import Haystacks, load_books  # noqa: E402
+from longdoc.bench.evaluate import grounded, needle_records  # noqa: E402
+from longdoc.bench.needle import Haystacks, is_correct, load_books  # noqa: E402
+from longdoc.tune import NEEDLES  # noqa: E402
 
 # GemFilter scoring: the paper's (last query token, raw logits, pool 5) and needle-tiny's model-card settings.
 PRESETS = {
@@ -29,9 +34,36 @@ PRESETS = {
 }
 
 
+# Prompt templates of the frameworks longdoc plugs into, as they send them (held out: needle-small's training used
+# generic pieces only): LangChain's completion form as tests/test_langchain.py writes it, LlamaIndex's default QA
+# template (DEFAULT_TEXT_QA_PROMPT_TMPL), and a stuff chain's system message holding the document.
+TEMPLATES = {
+    "completion": "Context:\n{context}\n\nQuestion: {question}\n\nAnswer:",
+    "llamaindex-qa": (
+        "Context information is below.\n---------------------\n{context}\n---------------------\nGiven the context "
+        "information and not prior knowledge, answer the query.\nQuery: {question}\nAnswer: "
+    ),
+    "system": [("system", "Answer from this text:\n\n{context}"), ("user", "{question}")],
+}
+
+
 def records(doc: LongDoc, hay: Haystacks, *, length: int, needles: int, samples: int, passkey: bool = False):
     """Ask `samples` fresh haystacks (seeded by the cell, so every method gets the same ones); one dict each."""
     return needle_records(doc, hay, length=length, needles=needles, samples=samples, passkey=passkey)
+
+
+def template_records(doc: LongDoc, hay: Haystacks, template, *, length: int, samples: int) -> list[dict]:
+    """One needle per haystack, asked through `template` as a framework sends it (`ask_prompt`); one dict each."""
+    rng = random.Random(f"template-{length}")  # the same haystacks for every template and method
+    out = []
+    for _ in range(samples):
+        sample = hay.sample(rng, length, needles=1)
+        fill = dict(context=sample.context, question=sample.question)
+        prompt = template.format(**fill) if isinstance(template, str) else [(r, t.format(**fill)) for r, t in template]
+        answer = doc.ask_prompt(prompt, max_new_tokens=32)
+        out.append(dict(correct=is_correct(answer.text, sample), answer=answer.text, expected=sample.value,
+                        evidence_rank=None, evidence_spans=0))  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -66,12 +98,15 @@ def main() -> None:
             result = dict(args=vars(args), rows=rows, records=all_records)
             Path(args.out).write_text(json.dumps(result, indent=1))
 
-    def run(name, d, length, needles, samples, passkey=False):
+    def run(name, d, length, needles, samples, passkey=False, template=None):
         if args.deadline and time.time() - began > args.deadline:
             print(f"skipped {name} {length} {needles}: past the deadline", flush=True)
-            return -1.0
+            return dict(accuracy=-1.0, grounded=-1.0)
         t = time.time()
-        recs = records(d, hay, length=length, needles=needles, samples=samples, passkey=passkey)
+        if template is None:
+            recs = records(d, hay, length=length, needles=needles, samples=samples, passkey=passkey)
+        else:
+            recs = template_records(d, hay, template, length=length, samples=samples)
         correct = [r for r in recs if r["correct"]]
         ranked = [r for r in correct if r["evidence_spans"]]
         row = dict(
@@ -83,13 +118,14 @@ def main() -> None:
             accuracy=round(len(correct) / samples, 4),
             # Of the correct answers with evidence spans: the needle is the strongest one.
             needle_strongest=round(sum(r["evidence_rank"] == 0 for r in ranked) / len(ranked), 4) if ranked else None,
+            grounded=round(grounded(recs), 4),  # exact and the needle the strongest evidence: tune's GemFilter score
             seconds=round(time.time() - t, 1),
         )
         print(json.dumps(row), flush=True)
         rows.append(row)
         all_records.extend(dict(r, setting=name) for r in recs)
         save()
-        return row["accuracy"]
+        return row
 
     if "full" in methods:
         for length in lengths:
@@ -103,12 +139,17 @@ def main() -> None:
         sweep = {}
         for layer in range(doc.arch.num_layers):
             gem = doc.with_method("gemfilter", filter_layer=layer, **options)
-            sweep[layer] = run(f"gemfilter-{args.gem}-sweep-L{layer}", gem, lengths[-1], 1, args.sweep_samples)
+            name = f"gemfilter-{args.gem}-sweep-L{layer}"
+            sweep[layer] = run(name, gem, lengths[-1], NEEDLES, args.sweep_samples)["grounded"]
         best = max(sweep, key=lambda k: (sweep[k], -k))
         gem = doc.with_method("gemfilter", filter_layer=best, **options)
         for length in lengths:
             run(f"gemfilter-{args.gem}-L{best}", gem, length, 1, args.samples)
             run(f"gemfilter-{args.gem}-L{best}", gem, length, 4, args.samples)
+    if "templates" in methods:  # full, and the method the model's profile sets for gemfilter
+        for label, template in TEMPLATES.items():
+            for name, d in (("full", doc), ("gemfilter", doc.with_method("gemfilter"))):
+                run(f"{name}-template-{label}", d, lengths[-1], 1, args.samples, template=template)
     if args.beyond:
         homer = doc.with_method("homer", **json.loads(args.homer or "{}"))
         for length in [int(x) for x in args.beyond.split(",")]:

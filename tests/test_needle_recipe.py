@@ -44,12 +44,14 @@ def test_digits_are_grouped_by_three_left_to_right(tokenizer):
         assert tokenizer.decode(ids) == text
 
 
-def test_examples_mark_the_asked_needle_and_the_lookup_token(recipe, tokenizer):
+@pytest.mark.parametrize("framed", [0.0, 1.0])
+def test_examples_mark_the_asked_needle_and_the_lookup_token(recipe, tokenizer, framed):
+    """In longdoc's layout and in framework-style templates (text around the document and after the question)."""
     hay = Haystacks({"haystack": TEXT}, tokenizer)
     rng = random.Random("examples")
     words = ["velvet", "harbor", "quill", "saffron", "lagoon", "bramble", "tinsel", "orchid"]
     for _ in range(20):
-        example = recipe.make_example(hay, tokenizer, rng, 400, words)
+        example = recipe.make_example(hay, tokenizer, rng, 400, words, framed=framed)
         needle = tokenizer.decode(example.ids[slice(*example.needle)])
         answer = tokenizer.decode(example.ids[slice(*example.first)]).removesuffix(".<|end|>")
         assert needle.startswith(("One of the", "The pass key")), needle  # one whole needle sentence
