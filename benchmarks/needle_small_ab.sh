@@ -42,7 +42,7 @@ for name in $recipes; do
 done
 wait
 for name in $recipes; do  # the frameworks' templates, full and the tuned gemfilter (the profile tune just wrote)
-    cp -r "$w/$name/model" "$w/$name/eval-model"
+    rm -rf "$w/$name/eval-model" && cp -r "$w/$name/model" "$w/$name/eval-model"
     ev $name eval-templates --methods templates --samples ${TEMPLATE_SAMPLES:-100} &
 done
 wait

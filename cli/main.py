@@ -567,7 +567,7 @@ def _tune(model, books, samples, lengths, top_k, pairs, device, quiet) -> None:
     gemfilter, homer = data["methods"]["gemfilter"], data["methods"]["homer"]
     settings = ", ".join(f"{k}={v}" for k, v in gemfilter["options"].items())
     err.print(
-        f"gemfilter: {settings} (grounded answers {gemfilter['grounded']:.2f}, exact {gemfilter['accuracy']:.2f},"
+        f"gemfilter: {settings} (exact {gemfilter['accuracy']:.2f}, grounded {gemfilter['grounded']:.2f} with"
         f" {gemfilter['needles']} needles a haystack)",
         soft_wrap=True,
     )

@@ -5,8 +5,8 @@ needle model answers wrong with the defaults and right with the tuned settings. 
 `longdoc.json` beside a local model (or in the user's cache directory for a hub id):
 
     {"model": ..., "longdoc": "0.1.0",
-     "methods": {"gemfilter": {"options": {...}, "grounded": 0.9, "accuracy": 0.95, "needles": 4, "samples": 16,
-                               "lengths": [2048], ...},
+     "methods": {"gemfilter": {"options": {...}, "score": 0.92, "accuracy": 0.95, "grounded": 0.9, "needles": 4,
+                               "samples": 16, "lengths": [2048], ...},
                  "homer": {"options": {"calibration": "longdoc-calibration.safetensors"}, ...}},
      "auto": {"within": "gemfilter"}}
 
@@ -58,7 +58,7 @@ class Profile:
         measured = ""
         if "accuracy" in entry:
             measured = f" (needle accuracy {entry['accuracy']:.2f} on {entry.get('samples', '?')} samples)"
-        if "grounded" in entry:  # tune's GemFilter score: exact, with the needle as the strongest evidence
+        if "grounded" in entry:  # tune's GemFilter entry: grounded = exact, with the needle as the strongest evidence
             measured = (
                 f" (grounded answers {entry['grounded']:.2f}, exact {entry['accuracy']:.2f}, on"
                 f" {entry.get('samples', '?')} haystacks of {entry.get('needles', '?')} needles)"

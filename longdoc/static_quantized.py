@@ -13,13 +13,14 @@ quantized_rows(L) = (L - RESIDUAL) // GROUP * GROUP of them (at least 0) are cod
 Folding: at the start of every step (`begin_step`) every layer's tail's oldest GROUP rows, positions
 [quantized_rows(slot), + GROUP), are quantized into the group after its codes. Until the tail reaches RESIDUAL +
 GROUP rows that group is past the codes in use and is written again at the next step; at the step where the eager
-cache folds (`QuantizedLayer.settle`), quantized_rows(slot + 1) moves past the group, whose rows earlier steps all
-wrote (slot - quantized_rows(slot) >= RESIDUAL > GROUP), and its codes are the eager cache's to the bit (the same
+cache folds (`QuantizedLayer.settle`), quantized_rows(slot + 1) moves past the group, whose rows were all written
+before this step (by earlier steps or from the prompt: slot - quantized_rows(slot) >= RESIDUAL > GROUP, and the
+ring holds slot - WINDOW .. slot - 1), and its codes are the eager cache's to the bit (the same
 `quantize_keys` / `quantize_values` on the same rows). Because no row of the step itself is needed, all layers
-fold in one pass over buffers stacked layer first: folding layer by layer was some 50 small kernels a layer, 1,600
-of the 3,200 a step replayed for the Llama-3.1-8B shape, and cost a 4-bit cache 88 tokens/s against a bf16 cache's
-154 at 1,056 keys (H200, `benchmarks/decode_profile.py --kv-bits 4`). The ring needs no shift, so a step that is
-run and rewound (a graph's warm-up) leaves nothing behind that the next step reads.
+fold in one pass over buffers stacked layer first: folding layer by layer was some 56 small kernels a layer, 1,800
+of the 3,195 a step replayed for the Llama-3.1-8B shape, and a 4-bit cache of 1,056 keys decoded at 88 tokens/s,
+145 with the one fold (H200, `benchmarks/decode_profile.py --kv-bits 4`; a bf16 cache: 154-156). The ring needs no
+shift, so a step that is run and rewound (a graph's warm-up) leaves nothing behind that the next step reads.
 
 Attention (`attend`): on CUDA flash_decode's kernel reads the codes where they lie and dequantizes each tile in
 registers. Dequantizing the whole layer into a scratch buffer at every token first (the eager cache's way, and

@@ -5,7 +5,7 @@
 
 Rows: `full` inside the 4096-token window with 1 and 4 needles and the pass key; GemFilter
 (top_k 256) for every filter layer (a sweep on haystacks of 4 needles, scored as `longdoc tune` scores it: exact
-answers with the asked needle as the strongest evidence) and for the best one on all samples; with --beyond, full
+and grounded answers, half each) and for the best one on all samples; with --beyond, full
 and HOMER past the window; with `templates` in --methods, full and the tuned GemFilter through the frameworks' own
 prompt templates (TEMPLATES: text after the question, the document in a system message). Keys are the bench's KEYS
 (needle-small never saw them in training). GemFilter and HOMER rows also record where the asked needle ranks among
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from longdoc import LongDoc  # noqa: E402
 from longdoc.bench.evaluate import grounded, needle_records  # noqa: E402
 from longdoc.bench.needle import Haystacks, is_correct, load_books  # noqa: E402
-from longdoc.tune import NEEDLES  # noqa: E402
+from longdoc.tune import NEEDLES, score  # noqa: E402
 
 # GemFilter scoring: the paper's (last query token, raw logits, pool 5) and needle-tiny's model-card settings.
 PRESETS = {
@@ -101,7 +101,7 @@ def main() -> None:
     def run(name, d, length, needles, samples, passkey=False, template=None):
         if args.deadline and time.time() - began > args.deadline:
             print(f"skipped {name} {length} {needles}: past the deadline", flush=True)
-            return dict(accuracy=-1.0, grounded=-1.0)
+            return dict(accuracy=-1.0, grounded=-1.0, score=-1.0)
         t = time.time()
         if template is None:
             recs = records(d, hay, length=length, needles=needles, samples=samples, passkey=passkey)
@@ -118,7 +118,9 @@ def main() -> None:
             accuracy=round(len(correct) / samples, 4),
             # Of the correct answers with evidence spans: the needle is the strongest one.
             needle_strongest=round(sum(r["evidence_rank"] == 0 for r in ranked) / len(ranked), 4) if ranked else None,
-            grounded=round(grounded(recs), 4),  # exact and the needle the strongest evidence: tune's GemFilter score
+            # exact, with the needle the strongest evidence (tune's GemFilter score); None where no evidence is ranked
+            grounded=round(grounded(recs), 4) if any(r["evidence_spans"] for r in recs) else None,
+            score=round(score(recs), 4),  # tune's GemFilter score: exact and grounded, half each
             seconds=round(time.time() - t, 1),
         )
         print(json.dumps(row), flush=True)
@@ -140,7 +142,7 @@ def main() -> None:
         for layer in range(doc.arch.num_layers):
             gem = doc.with_method("gemfilter", filter_layer=layer, **options)
             name = f"gemfilter-{args.gem}-sweep-L{layer}"
-            sweep[layer] = run(name, gem, lengths[-1], NEEDLES, args.sweep_samples)["grounded"]
+            sweep[layer] = run(name, gem, lengths[-1], NEEDLES, args.sweep_samples)["score"]
         best = max(sweep, key=lambda k: (sweep[k], -k))
         gem = doc.with_method("gemfilter", filter_layer=best, **options)
         for length in lengths:

@@ -93,8 +93,8 @@ CUES = ["", "\nAnswer:", "\n\nAnswer:", "\nAnswer: ", "\nA:", "\nHelpful answer:
 IN_SYSTEM = 0.25  # of the framed prompts: the document in a system message, the question the user's message
 # Framed prompts start once the model tells keys apart (the distractor-answer EMA past FRAME_AT). Mixed in from the
 # first step (--framed 0.5, 6 minutes on an H200) the key matching never emerged: the EMA stayed at 0.2-0.27 where
-# the unframed recipe passes 0.85 by step 1000, and four needles fell to 0.28 (one needle 1.00, framework templates
-# 1.00; benchmarks/results/needle-small-framed/).
+# the unframed recipe reaches 0.85 by step 1000, and four needles fell to 0.28 (one needle 1.00, the frameworks'
+# templates 1.00 under full; benchmarks/results/needle-small-framed/).
 FRAME_AT = 0.8
 QUESTION_FIRST = 0.1  # of the others: the question before the document
 
@@ -223,7 +223,7 @@ def make_example(
     sample = hay.sample(
         rng, length, needles=needles, passkey=passkey, together=rng.random() < TOGETHER, keys=keys, values=values
     )
-    if rng.random() < framed:
+    if framed and rng.random() < framed:  # no draw at 0: the bundled recipe's examples stay as they were
         messages = framed_messages(rng, sample.context, sample.question)
         ids, spans = framed_prompt(tokenizer, messages, sample.context)
     else:
@@ -476,6 +476,8 @@ def train(args) -> None:
     model.generation_config.save_pretrained(out)
     (out / "training_log.json").write_text(json.dumps(dict(args=vars(args), steps=step, log=log), indent=1))
     print(f"saved to {out} after {step} steps, {time.time() - start:.0f}s", flush=True)
+    if args.framed and not framing.value:
+        print(f"--framed {args.framed} had no effect: the model never told keys apart (FRAME_AT {FRAME_AT})")
 
 
 def main() -> None:

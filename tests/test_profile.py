@@ -111,9 +111,10 @@ def test_tune_writes_a_profile_that_loading_applies(tmp_path):
     gemfilter = profile["methods"]["gemfilter"]
     assert 0 <= gemfilter["grounded"] <= gemfilter["accuracy"] <= 1 and "filter_layer" in gemfilter["options"]
     assert gemfilter["needles"] == 4  # scored on haystacks of four needles: exact, and the needle the top evidence
-    exact, grounded = gemfilter["layer_accuracy"]["1024"], gemfilter["layer_grounded"]["1024"]
-    assert set(exact) == set(grounded) == {str(i) for i in range(9)}
-    assert grounded[str(gemfilter["options"]["filter_layer"])] == max(grounded.values())
+    exact, grounded, score = (gemfilter[f"layer_{name}"]["1024"] for name in ("accuracy", "grounded", "score"))
+    assert set(exact) == set(grounded) == set(score) == {str(i) for i in range(9)}
+    assert all(score[k] == (exact[k] + grounded[k]) / 2 for k in score)  # exact and grounded answers, half each
+    assert score[str(gemfilter["options"]["filter_layer"])] == max(score.values())
     homer = profile["methods"]["homer"]  # calibration on/off x chunks of half the window and of the whole window
     assert [(t["calibration"], t["max_chunk_len"]) for t in homer["trials"]] == [
         ("measured", 2048), ("off", 2048), ("measured", 4096), ("off", 4096),
@@ -124,3 +125,35 @@ def test_tune_writes_a_profile_that_loading_applies(tmp_path):
     assert (homer["options"]["calibration"] == "off") == (best["calibration"] == "off")
     doc = LongDoc.from_pretrained(str(model), device="cpu")
     assert doc.method.within.filter_layer == gemfilter["options"]["filter_layer"]
+
+
+def test_tune_scores_gemfilter_by_exact_and_grounded_answers_and_keeps_the_callers_options(monkeypatch):
+    """A layer's score is exact answers and grounded ones (the asked needle the strongest evidence), half each; the
+    best layer wins, the earliest of equals; an option the caller fixed (`-o score=softmax`) is never flipped."""
+    from longdoc import tune
+
+    def record(correct: bool, rank: int | None, layer: int) -> dict:
+        return dict(correct=correct, evidence_rank=rank, length=1024, filter_layer=layer)
+
+    # Layer 1: right but the needle ranked second (exact 1, grounded 0); layer 2: right and first once of two.
+    cells = {0: [record(False, None, 0)] * 2, 1: [record(True, 1, 1)] * 2, 2: [record(True, 0, 2), record(True, 1, 2)]}
+    assert [tune.score(cell) for cell in cells.values()] == [0.0, 0.5, 0.75]
+    swept, flipped = [], []
+
+    def sweep(base, haystacks, options, lengths, samples, seed, progress, needles, metric):
+        swept.append(dict(options))
+        assert needles == tune.NEEDLES and metric is tune.score
+        return {1024: {k: metric(cell) for k, cell in cells.items()}}, [r for cell in cells.values() for r in cell]
+
+    class Base:
+        def with_method(self, name, **options):
+            flipped.append(options)
+            return self
+
+    monkeypatch.setattr(tune, "sweep_filter_layer", sweep)
+    monkeypatch.setattr(tune, "needle_records", lambda *args, **kwargs: [record(False, None, 2)])
+    entry = tune.tune_gemfilter(Base(), None, {"score": "softmax"}, [1024], 2, 0, lambda *a: None)
+    assert entry["options"]["filter_layer"] == 2 and entry["options"]["score"] == "softmax"
+    assert (entry["score"], entry["accuracy"], entry["grounded"]) == (0.75, 1.0, 0.5)
+    assert all(trial["score"] == "softmax" for trial in swept + flipped)
+    assert [sorted(set(t) - {"filter_layer", "score"}) for t in flipped] == [["query_tokens"], ["pool_kernel"]]

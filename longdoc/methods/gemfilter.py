@@ -47,7 +47,7 @@ def default_filter_layer(arch: Arch) -> tuple[int, str]:
     layer = min(arch.num_layers - 1, round(DEFAULT_DEPTH_FRACTION * arch.num_layers))
     return layer, (
         f"filter layer {layer} of {arch.num_layers} (no known value for this model: about 0.4 of depth; "
-        "`longdoc bench layers` finds a better one)"
+        "`longdoc tune` measures a better one)"
     )
 
 
