@@ -195,7 +195,7 @@ def needle(
 def layers(
     model: str = typer.Option(BUNDLED_MODEL, help="Hub id or local folder."),
     lengths: str = typer.Option("2048", help="Haystack lengths in tokens."),
-    needles: int = typer.Option(1, help="Needles per haystack."),
+    needles: int = typer.Option(4, help="Needles per haystack (4: as `longdoc tune` scores layers)."),
     samples: int = typer.Option(10, help="Samples per (layer, length)."),
     books: Books = None,
     held_out: bool = typer.Option(True, "--held-out/--all-books"),
@@ -206,12 +206,15 @@ def layers(
     out: Annotated[Path, typer.Option(help="Folder for layers.json and layers.png.")] = Path("bench-out"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """GemFilter accuracy against filter layer, to find the layer for any model."""
+    """GemFilter accuracy against filter layer, to find the layer for any model.
+
+    The plot is exact answers; the best layer is `longdoc tune`'s: exact and grounded answers (the asked needle the
+    strongest evidence), half each, the earliest of equals."""
 
     def work():
         from longdoc import LongDoc
         from longdoc.bench.plots import lines
-        from longdoc.tune import sweep_filter_layer
+        from longdoc.tune import score, sweep_filter_layer
 
         length_list = _ints(lengths)
         config = per_method_options(["gemfilter"], option or [], top_k=top_k)["gemfilter"]
@@ -228,21 +231,26 @@ def layers(
             )
         series = {f"{length} tokens": by_length[length] for length in length_list}
         mean = {layer: _mean(series[s][layer] for s in series) for layer in range(num_layers)}
-        best = max(mean, key=lambda layer: (mean[layer], -layer))
+        scores = {layer: score([r for r in records if r["filter_layer"] == layer]) for layer in range(num_layers)}
+        best = max(scores, key=lambda layer: (scores[layer], -layer))
         lines(
             out / "layers.png", f"GemFilter filter layer, {Path(model).name}", "filter layer", "exact answers", series
         )
         path = _write(
             out,
             "layers.json",
-            dict(model=model, books=used_books, options=config, accuracy=series, best_layer=best, records=records),
-        )
-        table = Table("filter layer", *series, "mean")
+            dict(
+                model=model, books=used_books, options=config, needles=needles, accuracy=series, score=scores,
+                best_layer=best, records=records,
+            ),
+        )  # fmt: skip
+        table = Table("filter layer", *series, "mean", "score")
         for layer in range(num_layers):
             mark = " <- best" if layer == best else ""
-            table.add_row(str(layer), *[f"{series[s][layer]:.2f}" for s in series], f"{mean[layer]:.2f}{mark}")
+            row = [f"{series[s][layer]:.2f}" for s in series]
+            table.add_row(str(layer), *row, f"{mean[layer]:.2f}", f"{scores[layer]:.2f}{mark}")
         stdout.print(table)
-        err.print(f"best filter layer: {best} (mean {mean[best]:.2f}); wrote {path}")
+        err.print(f"best filter layer: {best} (score {scores[best]:.2f}, exact {mean[best]:.2f}); wrote {path}")
 
     _run(work, out)
 

@@ -1,7 +1,7 @@
 """`longdoc tune`: measure a model's best GemFilter settings and HOMER's calibration, for its profile.
 
 Accuracy is the needle task (bench/needle.py: a fact hidden in book text, asked for by name), the one
-`longdoc bench layers` plots (exact answers, one needle by default: a plot, not tune's choice). GemFilter is scored
+`longdoc bench layers` plots (exact answers per layer; it names the best layer by `score` too). GemFilter is scored
 (`score`) on haystacks of NEEDLES needles by exact answers and by grounded answers (exact, with the asked needle as
 the strongest evidence), half each. Every filter layer is swept with each scoring preset (PRESETS), then each
 scoring option the caller did not fix is flipped in turn at the best layer (kept when it scores more), and the

@@ -52,7 +52,9 @@ def test_layers_sweeps_every_layer_and_names_the_best(tmp_path):
     )  # fmt: skip
     data = json.loads((tmp_path / "layers.json").read_text())
     assert sorted(int(k) for k in data["accuracy"]["512 tokens"]) == list(range(9))
-    assert 0 <= data["best_layer"] < 9
+    assert 0 <= data["best_layer"] < 9 and data["needles"] == 4  # as tune: four needles, exact and grounded
+    score = {int(k): v for k, v in data["score"].items()}
+    assert data["best_layer"] == max(score, key=lambda layer: (score[layer], -layer))
     assert (tmp_path / "layers.png").read_bytes().startswith(PNG)
     assert f"best filter layer: {data['best_layer']}" in result.stderr
 
