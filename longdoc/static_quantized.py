@@ -4,7 +4,7 @@ A captured graph replays the same kernels on the same buffers at every token, so
 and nothing may be decided on the host. Every layer reads the prompt's codes where the eager cache holds them
 (shared, never written), keeps buffers for all the groups the answer can fold in (room fixed by the capacity), and
 its full-precision tail as a ring of RESIDUAL + GROUP rows where the row of position p lives at p mod RESIDUAL +
-GROUP; one scratch per device holds the layer the attention reads. All of it is addressed from one device tensor,
+GROUP; one scratch holds the layer the attention reads. All of it is addressed from one device tensor,
 `slot` (the position being fed), because KIVI's layout is a function of the length alone: after L rows,
 quantized_rows(L) = (L - RESIDUAL) // GROUP * GROUP of them (at least 0) are codes and the rest are the tail
 (`QuantizedLayer` keeps exactly that, from a prompt's cache or a reading's lease handed to decoding:
@@ -95,7 +95,7 @@ class StaticQuantizedCache(StaticSlots):
             StaticLayer(layer, tuple(part[i] for part in self.folded), tuple(tail[i] for tail in self.tails))
             for i, layer in enumerate(layers)
         ]
-        self.scratch: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # made on first use
+        self.scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # made on first use
         self.fused = device.type == "cuda" and triton_usable()  # decided here: a compiled step traces `attend`
         self.offsets = torch.arange(WINDOW, device=device)  # rows of a group, and of the whole tail
         self.slot = torch.tensor([self.length], device=device)
@@ -155,11 +155,10 @@ class StaticQuantizedCache(StaticSlots):
         return layer
 
     def _scratch(self, layer: StaticLayer) -> tuple[torch.Tensor, torch.Tensor]:
-        """The full-precision buffers shared by the layers on `layer`'s device."""
-        device = layer.tail_keys.device
-        if device not in self.scratch:
-            self.scratch[device] = layer.scratch(self.groups * GROUP + WINDOW)
-        return self.scratch[device]
+        """The full-precision buffers every layer's attention reads in turn (all layers are on one device)."""
+        if self.scratch is None:
+            self.scratch = layer.scratch(self.groups * GROUP + WINDOW)
+        return self.scratch
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's filled rows dequantized into new tensors (for inspection, not decoding)."""

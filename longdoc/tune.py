@@ -67,14 +67,14 @@ def unprofiled(base):
     return LongDoc(base.model, base.tokenizer, "full", base.system_prompt, store=base.store)
 
 
-def mean_accuracy(series: dict[int, dict[int, float]], layer: int) -> float:
+def mean_score(series: dict[int, dict[int, float]], layer: int) -> float:
     return sum(by_layer[layer] for by_layer in series.values()) / len(series)
 
 
 def best_layer(series: dict[int, dict[int, float]]) -> int:
     """The best-scoring layer; the earliest of equals (an earlier layer is a cheaper first pass)."""
     layers = next(iter(series.values()))
-    return max(layers, key=lambda layer: (mean_accuracy(series, layer), -layer))
+    return max(layers, key=lambda layer: (mean_score(series, layer), -layer))
 
 
 def score(records: list[dict]) -> float:
@@ -105,9 +105,9 @@ def tune_gemfilter(base, haystacks, options: dict, lengths: list[int], samples: 
         trial = {**preset, **options}
         trial_series, trial_records = sweep(trial)
         trial_layer = best_layer(trial_series)
-        if mean_accuracy(trial_series, trial_layer) > best:
+        if mean_score(trial_series, trial_layer) > best:
             series, records, layer, chosen = trial_series, trial_records, trial_layer, trial
-            best = mean_accuracy(trial_series, trial_layer)
+            best = mean_score(trial_series, trial_layer)
     options, changed = dict(chosen), False
     for done, (name, default, alternative) in enumerate(SCORING, start=1):
         if name in fixed:  # the caller's `-o` options are held fixed
@@ -124,7 +124,7 @@ def tune_gemfilter(base, haystacks, options: dict, lengths: list[int], samples: 
     if changed:  # the best layer may move with the scoring
         series, records = sweep(options)
         layer = best_layer(series)
-        best = mean_accuracy(series, layer)
+        best = mean_score(series, layer)
     chosen_records = [r for r in records if r["filter_layer"] == layer]
     return dict(
         options={**options, "filter_layer": layer},
@@ -134,7 +134,7 @@ def tune_gemfilter(base, haystacks, options: dict, lengths: list[int], samples: 
         needles=NEEDLES,
         samples=samples * len(lengths),
         lengths=lengths,
-        layer_score={str(n): {str(k): v for k, v in by_layer.items()} for n, by_layer in series.items()},
+        layer_score=per_layer(records, series, score),
         layer_accuracy=per_layer(records, series, accuracy),
         layer_grounded=per_layer(records, series, grounded),
     )
