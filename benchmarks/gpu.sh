@@ -16,6 +16,7 @@
 #         and 4096) and `longdoc tune` it, all in parallel, about 3 min; about 8 minutes in all; RECIPES=B MINUTES=6.5
 #         DEADLINE=110 WORKERS=12 trains B alone: the bundled needle-small, 9 minutes)
 #       | decode-kivi (256 tokens after kivi-4, kivi-2, gemfilter + kv_bits=4 beside full and gemfilter, 8K and 128K)
+#       | beyond (full and HOMER at 32K and 64K on MODEL, default needle-small: 8x and 16x its window)
 #       | batch (longdoc batch on one GPU: Llama-3.1-8B shape, random weights, 40 documents of 32K tokens, 5 questions
 #         each: documents per hour with reuse (one job per document) and without (one job per question))
 set -euo pipefail
@@ -82,6 +83,17 @@ decode-kivi)
     # beside full and gemfilter: 256 new tokens at 8K and 128K, Llama-3.1-8B shape, plain graph.
     longdoc bench speed --shape llama-3.1-8b --lengths 8k,128k --methods full,kivi-4,kivi-2,gemfilter,gemfilter+kv_bits=4 \
         --runs 1 --decode-tokens 256 --top-k 1024 --no-reference --out "$out/decode-kivi" -q
+    ;;
+beyond)
+    # Far past the window (8x and 16x 4096), where the bundled needle-small's full attention stops answering: full
+    # and HOMER (default chunks, and chunks of 4096) at 32K and 64K tokens, 60 haystacks each (full 30), in parallel.
+    m=${MODEL:-examples/models/needle-small}
+    for homer in '{}' '{"max_chunk_len": 4096}'; do
+        name=beyond-homer$(echo "$homer" | tr -dc 0-9)
+        python3 scripts/eval_needle_model.py --model "$m" --books "${BOOKS:-.data/books}" --methods none \
+            --beyond 32768,65536 --beyond-samples ${BEYOND:-60} --homer "$homer" --out "$out/$name.json" >"$out/$name.log" 2>&1 &
+    done
+    wait
     ;;
 batch)
     PYTHONPATH=. python3 benchmarks/batch_throughput.py "$out/batch" --documents 40 --tokens 32768 --questions 5 --top-k 1024

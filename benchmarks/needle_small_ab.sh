@@ -6,8 +6,8 @@
 # Each: 7 data workers (16 cores for both). Rows per model: full at 3500 tokens (1 and 4 needles, pass key), GemFilter
 # with the paper's scoring (layer sweep, then the best layer), HOMER (default chunks, and chunks of 4096) and full at
 # 8K and 16K; `longdoc tune` writes the profile into the model; then full and the tuned GemFilter through the
-# frameworks' prompt templates (eval_needle_model.py's TEMPLATES). Back in OUT: {A,B}-logs.tgz, {A,B}-model.tgz.* (in
-# pieces of 15 MB: cat A-model.tgz.* | tar xzf -). Smoke test on CPU (2 minutes): WORKERS=1 SAMPLES=2 SWEEP=1
+# frameworks' prompt templates (eval_needle_model.py's TEMPLATES); with FAR=32768,65536 full and HOMER there too.
+# Back in OUT: {A,B}-logs.tgz, {A,B}-model.tgz.* (in pieces of 15 MB: cat A-model.tgz.* | tar xzf -). Smoke test on CPU (2 minutes): WORKERS=1 SAMPLES=2 SWEEP=1
 # BEYOND=1 TUNE=2 bash benchmarks/needle_small_ab.sh /tmp/ab BOOKS 0.15 60 --layers 4 --hidden 64 --ff 128 \
 #   --batch-tokens 4096 --threads 1
 set -uo pipefail
@@ -39,8 +39,13 @@ for name in $recipes; do
     ev $name eval-homer4096 --methods none --beyond 8192,16384 --beyond-samples ${BEYOND:-60} --homer '{"max_chunk_len": 4096}' &
     timeout $((deadline + 45)) python3 -m cli.main tune "$w/$name/model" --books "$books" --samples ${TUNE:-16} \
         --lengths 2048 >"$w/$name/tune.log" 2>&1 &
+    # FAR=32768,65536: full and HOMER far past the window too (FAR_SAMPLES haystacks, full half as many)
+    [[ -n "${FAR:-}" ]] && ev $name eval-far --methods none --beyond "$FAR" --beyond-samples ${FAR_SAMPLES:-30} &
 done
 wait
+for name in $recipes; do  # the model with its tuned profile goes back first (a run past its limit keeps it)
+    tar czf - -C "$w/$name" model | split -b 15M - "$out/$name-model.tgz."
+done
 for name in $recipes; do  # the frameworks' templates, full and the tuned gemfilter (the profile tune just wrote)
     rm -rf "$w/$name/eval-model" && cp -r "$w/$name/model" "$w/$name/eval-model"
     ev $name eval-templates --methods templates --samples ${TEMPLATE_SAMPLES:-100} &
@@ -49,7 +54,6 @@ wait
 for name in $recipes; do
     rm -rf "$w/$name/eval-model"
     tar czf "$out/$name-logs.tgz" -C "$w/$name" --exclude model .
-    tar czf - -C "$w/$name" model | split -b 15M - "$out/$name-model.tgz."
 done
 rm -rf "$w"
 ls -la "$out"
