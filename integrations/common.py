@@ -21,8 +21,9 @@ from longdoc import Answer, LongDoc, LongDocError
 from longdoc.documents import Document, from_parts
 from longdoc.evidence import quote_of
 from longdoc.hub import resolve_source
-from longdoc.methods import Method, parse_method
+from longdoc.methods import Method
 from longdoc.model import DTYPES, check_device_map, load_model, resolve_device, resolve_dtype, uses_gpu
+from longdoc.profile import load_profile
 
 LONG_CONTEXT = 1 << 20  # homer and rag read past the trained window; memory, not positions, is the limit
 
@@ -133,7 +134,8 @@ def shared_model(options: LoadOptions) -> LongDoc:
             quantization_config=options.quantization_config,
             device_map=device_map,
         )
-        found = LongDoc(model, tokenizer, method="full")
+        # The model's profile (longdoc.json) gives a method named by string its tuned settings, as from_pretrained.
+        found = LongDoc(model, tokenizer, method="full", profile=load_profile(options.model))
         _SHARED[key] = found
     return found
 
@@ -152,8 +154,9 @@ def release_memory() -> None:
 
 
 def engine_for(base: LongDoc, method: str | Method, method_options: dict | None, system_prompt: str | None) -> LongDoc:
-    """The shared model with this method and system prompt (no reload; a bad option fails here)."""
-    engine = base.with_method(parse_method(method, method_options or {}))
+    """The shared model with this method and system prompt (no reload; a bad option fails here); a method named
+    by string gets the model's profile under `method_options`."""
+    engine = base.with_method(method, **(method_options or {}))
     engine.system_prompt = system_prompt
     return engine
 

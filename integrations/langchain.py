@@ -45,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the LangChain integration needs langchain-core: pip install 'longdoc[langchain]'") from exc
 
 from longdoc import Answer, LongDoc, LongDocError
+from longdoc.methods import Method
 
 from .common import (
     Sources,
@@ -73,8 +74,13 @@ class _LongDocFields:
         check_engine_or_loading(self.engine, self.model_fields_set)
         base = self.engine or self._load(self.model)
         self._base = base
-        method = self.method if self.engine is None or "method" in self.model_fields_set else self.engine.method
-        self._doc = engine_for(base, method, self.method_options, self.system_prompt or base.system_prompt)
+        self._doc = engine_for(
+            base, self._chosen_method(), self.method_options, self.system_prompt or base.system_prompt
+        )
+
+    def _chosen_method(self) -> str | Method:
+        """The method asked for, else the given engine's; a name gets each model's own profile."""
+        return self.method if self.engine is None or "method" in self.model_fields_set else self.engine.method
 
     def _load(self, model: str) -> LongDoc:
         return shared_model(load_options(model, loading_fields(self), self.model_kwargs))
@@ -86,7 +92,7 @@ class _LongDocFields:
         model = kwargs.get("model")
         if not model or model == self.model:
             return self._doc, self.model
-        return engine_for(self._load(model), self._doc.method, None, self._doc.system_prompt), model
+        return engine_for(self._load(model), self._chosen_method(), self.method_options, self._doc.system_prompt), model
 
     def _generation(self, stop: list[str] | None, kwargs: dict) -> dict:
         unknown = sorted(set(kwargs) - set(CALL_OPTIONS))

@@ -32,6 +32,8 @@ from needle_folder import BOOKS, MODEL, NEEDLE_GEMFILTER, NEEDLE_TEXT, QUESTION_
 
 from longdoc import LongDoc, LongDocError  # noqa: E402
 from longdoc.bench.needle import Haystacks, load_books  # noqa: E402
+from longdoc.methods import parse_method  # noqa: E402
+from longdoc.profile import load_profile  # noqa: E402
 
 PARAMS = {"model": str(MODEL), "method": "gemfilter", "method_options": NEEDLE_GEMFILTER, "device": "cpu"}
 # A second local model for the suites' per-call `model=` override: a tiny random Llama built here.
@@ -92,6 +94,20 @@ def test_text_llm_and_batch():
     assert llm._identifying_params["method_options"] == NEEDLE_GEMFILTER
 
 
+def test_a_method_named_by_string_gets_the_models_profile():
+    """As LongDoc.from_pretrained: the tuned settings of longdoc.json under the options given, and its note."""
+    profile = load_profile(str(MODEL))
+    tuned = profile.options("gemfilter")
+    chat = ChatLongDoc(model=str(MODEL), method="gemfilter", device="cpu", max_tokens=8)
+    assert chat._engine({})[0].method == parse_method("gemfilter", tuned)
+    result = chat.invoke([("system", f"Some words before. {NEEDLE_TEXT} Some words after."), ("human", QUESTION_TEXT)])
+    assert profile.describe("gemfilter") in result.response_metadata["notes"]
+    llm = LongDocLLM(model=str(MODEL), method="gemfilter", method_options={"top_k": 64}, device="cpu")
+    assert llm._engine({})[0].method == parse_method("gemfilter", {**tuned, "top_k": 64})
+    # A per-call model= gets that model's own profile (the tiny random Llama has none: the method's defaults).
+    assert chat._engine({"model": OTHER_MODEL})[0].method == parse_method("gemfilter")
+
+
 def test_long_document_qa_returns_evidence_documents():
     chat = ChatLongDoc(**PARAMS, max_tokens=32)
     documents = [  # LangChain's PDF loaders number `page` from 0: longdoc's output is 1-based
@@ -116,7 +132,8 @@ def test_the_example_runs(capsys):
     spec.loader.exec_module(module)
     answer, qa = module.main()
     assert VALUE in answer and VALUE in qa["answer"]
-    assert any(NEEDLE_TEXT in d.page_content and d.metadata["source"].endswith("chapter-2.txt") for d in qa["evidence"])
+    top = qa["evidence"][0]  # the demo model's needle is the strongest evidence
+    assert NEEDLE_TEXT in top.page_content and top.metadata["source"].endswith("chapter-2.txt")
     assert "chapter-2.txt" in capsys.readouterr().out
 
 

@@ -34,6 +34,8 @@ from needle_folder import BOOKS, MODEL, NEEDLE_GEMFILTER, NEEDLE_TEXT, QUESTION_
 
 from longdoc import LongDocError  # noqa: E402
 from longdoc.bench.needle import Haystacks, load_books  # noqa: E402
+from longdoc.methods import parse_method  # noqa: E402
+from longdoc.profile import load_profile  # noqa: E402
 
 FOUND_BOOKS = BOOKS if BOOKS.is_dir() else None  # the held-out books beside the checkout
 needs_books = pytest.mark.skipif(FOUND_BOOKS is None, reason="needs ../shared/corpus/books beside the checkout")
@@ -97,6 +99,15 @@ def test_complete_stream_chat_and_async_agree(llm):
     assert asyncio.run(collect())[-1].text == text
 
 
+def test_a_method_named_by_string_gets_the_models_profile():
+    """As LongDoc.from_pretrained: the tuned settings of longdoc.json under the options given."""
+    tuned = load_profile(str(MODEL)).options("gemfilter")
+    llm = LongDocLLM(model=str(MODEL), method="gemfilter", device="cpu")
+    assert llm.engine.method == parse_method("gemfilter", tuned)
+    llm = LongDocLLM(model=str(MODEL), method="gemfilter", method_options={"filter_layer": 3}, device="cpu")
+    assert llm.engine.method == parse_method("gemfilter", {**tuned, "filter_layer": 3})
+
+
 def test_metadata_and_llama_index_checks(engine, llm):
     assert isinstance(llm, LLM)
     meta = llm.metadata
@@ -120,6 +131,7 @@ def test_the_example_runs(capsys):
     spec.loader.exec_module(module)
     response = module.main()
     assert VALUE in response.response
+    assert NEEDLE_TEXT in response.source_nodes[0].node.text  # the demo model's needle is the strongest evidence
     assert "chapter-2.txt" in capsys.readouterr().out
 
 
