@@ -117,9 +117,10 @@ def needle(
 
         from longdoc import LongDoc
         from longdoc.bench.evaluate import needle_records
-        from longdoc.bench.plots import heatmap
+        from longdoc.bench.plots import check_plotting, heatmap
         from longdoc.methods import method_class, split_label
 
+        check_plotting()
         names, length_list, depth_list = _names(methods), _ints(lengths), _floats(depths)
         configs = per_method_options(names, option or [], top_k=top_k)
         base = LongDoc.from_pretrained(model, method="full", device=device)
@@ -213,9 +214,10 @@ def layers(
 
     def work():
         from longdoc import LongDoc
-        from longdoc.bench.plots import lines
+        from longdoc.bench.plots import check_plotting, lines
         from longdoc.tune import score, sweep_filter_layer
 
+        check_plotting()
         length_list = _ints(lengths)
         config = per_method_options(["gemfilter"], option or [], top_k=top_k)["gemfilter"]
         if "filter_layer" in config:
@@ -281,11 +283,12 @@ def speed(
     """Time to first token, decode tokens/s and peak GPU memory over the weights, on a random model of a real shape."""
 
     def work():
-        from longdoc.bench.plots import lines
+        from longdoc.bench.plots import check_plotting, lines
         from longdoc.bench.shapes import SHAPES
         from longdoc.bench.speed import reading_records, speed_records
         from longdoc.model import resolve_device
 
+        check_plotting()
         if shape not in SHAPES:
             raise LongDocError(f"unknown shape '{shape}'; choose from: {', '.join(SHAPES)}")
         names = _names(methods)

@@ -15,10 +15,13 @@ import typer
 from rich.text import Text
 
 from longdoc import LongDocError
+from longdoc.documents import SUPPORTED
 
 from .bench import bench_app
 from .console import StageStatus, err, fail, out, progress_bar
 from .options import command_options, in_flags, parse_device_map, parse_options
+
+FILE_TYPES = " ".join(SUPPORTED)  # the loader's own list
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ask a local LLM about a whole document.")
 app.add_typer(bench_app, name="bench")
@@ -72,7 +75,7 @@ def ask(
         list[str],
         typer.Argument(
             metavar="FILE_OR_QUESTION",
-            help="Files (.pdf .docx .epub .html .md .txt), folders, or - for stdin, then the question. "
+            help=f"Files ({FILE_TYPES}), folders, or - for stdin, then the question. "
             "With --question every argument is a file.",
             show_default=False,
         ),
@@ -153,6 +156,11 @@ class AskRequest:
     device_map: str | dict | None = None
     compile_decode: bool = False
 
+    def __post_init__(self) -> None:
+        from longdoc.generate import GenerationConfig
+
+        GenerationConfig(max_new_tokens=self.max_new_tokens)  # a bad value fails before the model loads
+
 
 @dataclass
 class Output:
@@ -203,7 +211,11 @@ def open_reading(request: AskRequest, cache: Path | None, quiet: bool):
     reading = _load_cached(doc, document, cache, quiet) if cache is not None else None
     if reading is None:
         reading = read_document(doc, document, quiet)
-        note(quiet, f"read {reading.tokens} tokens in {_seconds(reading)}, {_held(reading)}")
+        if reading.cache is None or reading.cache.cache is None:  # nothing is read ahead of the questions
+            picked = " (auto's pick)" if request.method == "auto" else ""
+            note(quiet, f"{reading.tokens} tokens; {reading.method.name}{picked} reads them anew for each question")
+        else:
+            note(quiet, f"read {reading.tokens} tokens in {_seconds(reading)}, {_held(reading)}")
         if cache is not None:
             _save_cached(reading, cache, quiet)
     return document, reading
@@ -224,7 +236,8 @@ def _load_cached(doc, document, cache: Path, quiet: bool):
     try:
         reading = doc.load_reading(cache, source=document)
     except LongDocError as exc:
-        note(quiet, f"not using the saved reading: {exc}; reading again and saving over it", always=True)
+        reason = str(exc).partition("; read the document again")[0]  # the CLI does that itself, and says so
+        note(quiet, f"not using the saved reading: {reason}; reading again and saving over it", always=True)
         return None
     note(quiet, f"loaded the saved reading from {cache}: {reading.tokens} tokens, {_held(reading)}")
     return reading
@@ -319,7 +332,7 @@ def summary(s) -> str:
 def chat(
     files: Annotated[
         list[str],
-        typer.Argument(help="Files (.pdf .docx .epub .html .md .txt), folders.", show_default=False),
+        typer.Argument(metavar="FILE", help=f"Files ({FILE_TYPES}), folders.", show_default=False),
     ],
     model: ModelOption = DEFAULT_MODEL,
     method: MethodOption = "auto",
@@ -583,7 +596,7 @@ def info() -> None:
 
     import longdoc
     from longdoc.arch import FAMILY_NAMES
-    from longdoc.methods import METHODS
+    from longdoc.methods import ALIASES, METHODS
 
     out.print(f"longdoc {longdoc.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
     if torch.cuda.is_available():
@@ -592,6 +605,11 @@ def info() -> None:
     else:
         out.print("device: cpu (no CUDA GPU visible)")
     out.print(f"methods: {', '.join(METHODS)}")
+    named = (
+        f"{alias} = {name} with {', '.join(f'{k}={v}' for k, v in preset.items())}"
+        for alias, (name, preset) in ALIASES.items()
+    )
+    out.print(f"method aliases: {'; '.join(named)}")
     out.print(f"model families: {', '.join(FAMILY_NAMES.values())}")
     out.print(f"default model: {DEFAULT_MODEL}")
 

@@ -17,12 +17,12 @@ from longdoc.integrations.llama_index import LongDocLLM, LongDocQueryEngine
 from longdoc import LongDoc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from needle_folder import MODEL, NEEDLE_GEMFILTER, QUESTION_TEXT, write_folder  # noqa: E402
+from needle_folder import DEMO_MODEL, QUESTION_TEXT, write_folder  # noqa: E402
 
 
 def main(folder: Path | None = None) -> object:
-    engine = LongDoc.from_pretrained(str(MODEL), method="gemfilter", device="cpu", **NEEDLE_GEMFILTER)
-    llm = LongDocLLM(engine=engine, model=str(MODEL), max_new_tokens=32)
+    engine = LongDoc.from_pretrained(str(DEMO_MODEL), method="gemfilter", device="cpu")  # settings: its longdoc.json
+    llm = LongDocLLM(engine=engine, model=str(DEMO_MODEL), max_new_tokens=32)
     with tempfile.TemporaryDirectory() as tmp:
         folder = folder or write_folder(Path(tmp) / "docs", engine.tokenizer)
         documents = SimpleDirectoryReader(str(folder)).load_data()

@@ -8,7 +8,9 @@ from pathlib import Path
 from longdoc.bench.needle import NEEDLE, QUESTION, Haystacks, load_books
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "examples" / "models" / "needle-tiny"
+MODEL = ROOT / "examples" / "models" / "needle-tiny"  # the end-to-end tests' model
+# The README demo's model, which the examples use: its needle is the strongest evidence (needle-tiny ranks it lower).
+DEMO_MODEL = ROOT / "examples" / "models" / "needle-small"
 # The held-out books beside the checkout (a git worktree under wt/ finds them one level further up).
 BOOKS = next(
     (b for b in (r / "shared" / "corpus" / "books" for r in ROOT.parents[:2]) if b.is_dir()),
@@ -23,6 +25,8 @@ NEEDLE_TEXT = NEEDLE.format(key=KEY, value=VALUE)
 
 def write_folder(folder: Path, tokenizer, books: Path = BOOKS) -> Path:
     """chapter-1.txt (no needle) and chapter-2.txt (the needle halfway), about 1,200 tokens each."""
+    if not books.is_dir():
+        raise SystemExit(f"the examples cut their documents from the corpus books, not found at {books}")
     haystacks = Haystacks(load_books(books, held_out=True), tokenizer)
     rng = random.Random("example-folder")
     folder.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import LongDocError
+from .generate import GenerationConfig
 from .methods import Method, parse_method
 from .model import check_device_map
 
@@ -57,6 +58,9 @@ class Settings:
     password: str | None = None
     trust_remote_code: bool = False
     device_map: str | dict | None = None  # "auto" or a dict: each worker spreads its model over its GPUs
+
+    def __post_init__(self) -> None:
+        GenerationConfig(max_new_tokens=self.max_new_tokens)  # a bad value fails before any job starts
 
 
 @dataclass
@@ -177,7 +181,7 @@ def _job_document(item: dict, where: str, base: Path | None) -> tuple[list[str] 
         return None, text
     if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
         raise LongDocError(f"{where}: files must be a non-empty list of paths")
-    return [str(((base or Path()) / f).absolute()) for f in files], None
+    return [os.path.abspath((base or Path()) / f) for f in files], None  # "docs/../a.pdf" as "a.pdf": normalised
 
 
 # ----- the output -----
@@ -461,7 +465,8 @@ def choose_runner(runner: str, workers: int | None, gpus_per_worker: float | Non
     asked = [f"{name}={value}" for name, value in ray_options.items() if value is not None]
     if asked:
         why = "runner 'local' is" if runner == "local" else f"Ray is not installed ({INSTALL_HINT}), so this run is"
-        raise LongDocError(f"{', '.join(asked)} need Ray; {why} one worker in this process")
+        need = "needs" if len(asked) == 1 else "need"
+        raise LongDocError(f"{', '.join(asked)} {need} Ray; {why} one worker in this process")
     return "in-process"
 
 

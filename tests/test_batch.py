@@ -206,23 +206,30 @@ def test_bad_job_lines_are_refused_before_any_model_loads(tmp_path, line, messag
 
 def test_job_files_are_taken_from_the_jobs_file_folder_and_ids_are_unique(tmp_path):
     path = tmp_path / "jobs.jsonl"
-    path.write_text('{"id": 1, "files": ["docs/a.pdf"], "questions": ["q"]}\n\n')
-    assert read_jobs(path)[0].files == [str(tmp_path / "docs" / "a.pdf")]
+    path.write_text('{"id": 1, "files": ["docs/a.pdf", "../b.pdf"], "questions": ["q"]}\n\n')
+    assert read_jobs(path)[0].files == [str(tmp_path / "docs" / "a.pdf"), str(tmp_path.parent / "b.pdf")]
     with pytest.raises(LongDocError, match="job id 1 appears twice"):
         read_jobs([{"id": 1, "text": "t", "questions": ["q"]}] * 2)
+
+
+def test_a_bad_generation_option_is_refused_before_any_job_runs(tmp_path):
+    jobs = [{"id": 1, "text": "t", "questions": ["q"]}]
+    with pytest.raises(LongDocError, match="max_new_tokens must be at least 1"):
+        batching.run(jobs, tmp_path / "out.jsonl", model=MODEL, max_new_tokens=0, runner="local")
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_ray_options_without_ray_are_refused_not_ignored(monkeypatch):
     monkeypatch.setattr(batching, "ray_available", lambda: False)
     assert batching.choose_runner("auto", None, None, None) == "in-process"
     with pytest.raises(
-        LongDocError, match=r"workers=2 need Ray; Ray is not installed \(pip install 'longdoc\[batch\]'\)"
+        LongDocError, match=r"workers=2 needs Ray; Ray is not installed \(pip install 'longdoc\[batch\]'\)"
     ):
         batching.choose_runner("auto", 2, None, None)
     with pytest.raises(LongDocError, match="runner 'ray' needs Ray"):
         batching.choose_runner("ray", None, None, None)
     result = CliRunner().invoke(app, ["batch", "jobs.jsonl", "--out", "a.jsonl", "--ray-address", "auto"])
-    assert result.exit_code == 2 and "--ray-address=auto need Ray" in result.stderr
+    assert result.exit_code == 2 and "--ray-address=auto needs Ray" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 

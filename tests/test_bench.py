@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,14 @@ def test_bench_errors_are_one_line(tmp_path):
     assert result.exit_code == 2 and "unknown shape 'gpt-9'" in result.stderr
     result = runner.invoke(app, ["bench", "speed", "--shape", "tiny", "--methods", "full", "-o", "nope=1"])
     assert result.exit_code == 2 and "no benchmarked method has an option 'nope'" in result.stderr
+
+
+def test_without_matplotlib_the_benchmarks_refuse_before_they_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    for args in (["needle", "--model", MODEL], ["layers", "--model", MODEL], ["speed", "--shape", "tiny"]):
+        result = runner.invoke(app, ["bench", *args, "--out", str(tmp_path), "-q"])
+        assert result.exit_code == 2 and "pip install 'longdoc[bench]'" in result.stderr, result.output
+    assert not any(tmp_path.iterdir())  # nothing ran
 
 
 def test_speed_takes_the_field_rows(tmp_path):

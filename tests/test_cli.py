@@ -87,6 +87,16 @@ def test_text_answer_streams_with_evidence_and_stats(needle_pdf):
     assert "gemfilter: kept" in result.stderr
 
 
+def test_a_method_that_reads_per_question_says_so(needle_pdf):
+    path, question, _ = needle_pdf
+    result = ask(
+        str(path), question, "--model", MODEL, "--device", "cpu", "--method", "snapkv", "--max-new-tokens", "4"
+    )
+    assert result.exit_code == 0, result.output
+    assert "tokens; snapkv reads them anew for each question" in result.stderr
+    assert not any(line.startswith("read ") for line in result.stderr.splitlines())
+
+
 def test_stdin_and_full_method(needle_pdf):
     text = "Some words before. " + NEEDLE.format(key="tiger", value="5550123") + " Some words after."
     result = ask("-", QUESTION.format(key="tiger"), "--model", MODEL, "--method", "full", "--quiet", input=text)
@@ -99,6 +109,7 @@ def test_info_lists_methods_and_families():
     result = runner.invoke(app, ["info"])
     assert result.exit_code == 0
     assert "gemfilter" in result.stdout and "homer" in result.stdout and "Llama" in result.stdout
+    assert "kivi-4 = full with kv_bits=4" in result.stdout
 
 
 def _expect_error(result, message: str) -> None:
@@ -137,6 +148,8 @@ def test_bad_requests(tmp_path, monkeypatch):
     _expect_error(ask(str(doc), "What?", "--method", "full", "--top-k", "5"), "--top-k applies to gemfilter")
     _expect_error(ask(str(doc), "What?", "-o", "novalue"), "--option takes KEY=VALUE")
     _expect_error(ask(str(doc), "What?", "--model", MODEL, "-o", "nope=1"), "has no option nope")
+    # Before any model loads: a model that does not exist is not reached.
+    _expect_error(ask(str(doc), "What?", "--model", "/nowhere", "--max-new-tokens", "0"), "--max-new-tokens must be")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _expect_error(ask(str(doc), "What?", "--model", "nobody/no-such-model"), "is neither a local folder")
 

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from longdoc.errors import LongDocError
+
+
+def check_plotting() -> None:
+    """Refuse before a benchmark runs, not after it, when its figures cannot be drawn."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise LongDocError("the benchmarks draw their figures with matplotlib: pip install 'longdoc[bench]'") from None
+
 
 def _pyplot():
     import matplotlib
