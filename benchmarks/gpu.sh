@@ -87,13 +87,18 @@ decode-kivi)
 beyond)
     # Far past the window (8x and 16x 4096), where the bundled needle-small's full attention stops answering: full
     # and HOMER (default chunks, and chunks of 4096) at 32K and 64K tokens, 60 haystacks each (full 30), in parallel.
+    # Each haystack has one needle at a random depth (eval_needle_model.py's sampling).
     m=${MODEL:-examples/models/needle-small}
+    mkdir -p "$out"
+    pids=()
     for homer in '{}' '{"max_chunk_len": 4096}'; do
         name=beyond-homer$(echo "$homer" | tr -dc 0-9)
         python3 scripts/eval_needle_model.py --model "$m" --books "${BOOKS:-.data/books}" --methods none \
-            --beyond 32768,65536 --beyond-samples ${BEYOND:-60} --homer "$homer" --out "$out/$name.json" >"$out/$name.log" 2>&1 &
+            --beyond 32768,65536 --beyond-samples "${BEYOND:-60}" --homer "$homer" --out "$out/$name.json" \
+            >"$out/$name.log" 2>&1 &
+        pids+=($!)
     done
-    wait
+    for pid in "${pids[@]}"; do wait "$pid"; done  # a failed eval fails the part (set -e)
     ;;
 batch)
     PYTHONPATH=. python3 benchmarks/batch_throughput.py "$out/batch" --documents 40 --tokens 32768 --questions 5 --top-k 1024

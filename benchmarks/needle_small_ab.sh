@@ -5,11 +5,11 @@
 # B: the same with the lookup-attention loss (--attention-weight 0.2 on head 0 of layers 2-11).
 # Each: 7 data workers (16 cores for both). Rows per model: full at 3500 tokens (1 and 4 needles, pass key), GemFilter
 # with the paper's scoring (layer sweep, then the best layer), HOMER (default chunks, and chunks of 4096) and full at
-# 8K and 16K; `longdoc tune` writes the profile into the model; then full and the tuned GemFilter through the
-# frameworks' prompt templates (eval_needle_model.py's TEMPLATES); with FAR=32768,65536 full and HOMER there too.
-# Back in OUT: {A,B}-logs.tgz, {A,B}-model.tgz.* (in pieces of 15 MB: cat A-model.tgz.* | tar xzf -). Smoke test on CPU (2 minutes): WORKERS=1 SAMPLES=2 SWEEP=1
-# BEYOND=1 TUNE=2 bash benchmarks/needle_small_ab.sh /tmp/ab BOOKS 0.15 60 --layers 4 --hidden 64 --ff 128 \
-#   --batch-tokens 4096 --threads 1
+# 8K and 16K (with FAR=32768,65536 there too); `longdoc tune` writes the profile into the model; then full and the
+# tuned GemFilter through the frameworks' prompt templates (eval_needle_model.py's TEMPLATES).
+# Back in OUT: {A,B}-logs.tgz, {A,B}-model.tgz.* (in pieces of 15 MB: cat A-model.tgz.* | tar xzf -).
+# Smoke test on CPU (2 minutes): WORKERS=1 SAMPLES=2 SWEEP=1 BEYOND=1 TUNE=2 bash benchmarks/needle_small_ab.sh \
+#   /tmp/ab BOOKS 0.15 60 --layers 4 --hidden 64 --ff 128 --batch-tokens 4096 --threads 1
 set -uo pipefail
 out=$1; books=$2; minutes=$3; deadline=$4; shift 4
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

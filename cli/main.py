@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -236,7 +237,8 @@ def _load_cached(doc, document, cache: Path, quiet: bool):
     try:
         reading = doc.load_reading(cache, source=document)
     except LongDocError as exc:
-        reason = str(exc).partition("; read the document again")[0]  # the CLI does that itself, and says so
+        # The library's advice (read again, save one) is what the CLI does next, and says so.
+        reason = re.sub(r"; (read the document again|save one with reading\.save).*$", "", str(exc))
         note(quiet, f"not using the saved reading: {reason}; reading again and saving over it", always=True)
         return None
     note(quiet, f"loaded the saved reading from {cache}: {reading.tokens} tokens, {_held(reading)}")

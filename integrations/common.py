@@ -125,6 +125,9 @@ def shared_model(options: LoadOptions) -> LongDoc:
         if isinstance(options.dtype, str) and options.dtype not in DTYPES:
             raise LongDocError(f"unknown dtype '{options.dtype}'; use one of {', '.join(DTYPES)} or a torch.dtype")
         device, device_map = options.placement()
+        # The model's profile (longdoc.json) gives a method named by string its tuned settings, as from_pretrained;
+        # read first, so that a damaged one fails before a long load.
+        profile = load_profile(options.model)
         model, tokenizer = load_model(
             options.model,
             device,
@@ -134,8 +137,7 @@ def shared_model(options: LoadOptions) -> LongDoc:
             quantization_config=options.quantization_config,
             device_map=device_map,
         )
-        # The model's profile (longdoc.json) gives a method named by string its tuned settings, as from_pretrained.
-        found = LongDoc(model, tokenizer, method="full", profile=load_profile(options.model))
+        found = LongDoc(model, tokenizer, method="full", profile=profile)
         _SHARED[key] = found
     return found
 

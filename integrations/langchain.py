@@ -79,7 +79,8 @@ class _LongDocFields:
         )
 
     def _chosen_method(self) -> str | Method:
-        """The method asked for, else the given engine's; a name gets each model's own profile."""
+        """The method asked for, else the given engine's; a name gets each model's own profile (also a per-call
+        model's), a Method object (the engine's, when no method is given) is used as it is."""
         return self.method if self.engine is None or "method" in self.model_fields_set else self.engine.method
 
     def _load(self, model: str) -> LongDoc:

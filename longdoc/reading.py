@@ -299,7 +299,9 @@ def load(folder: Path, facts: dict, method: Method, num_layers: int, device: Dev
         raise LongDocError(f"the saved reading in {folder} is damaged ({exc}); read the document again") from None
     ids = tensors.pop("ids", torch.empty(0, dtype=torch.int64)).tolist()
     if ids_digest(ids) != meta.get("ids_sha256"):
-        raise LongDocError(f"the saved reading in {folder} is damaged (its tokens do not match); read it again")
+        raise LongDocError(
+            f"the saved reading in {folder} is damaged (its tokens do not match); read the document again"
+        )
     cache = None
     if method.reusable and method.kv_bits is not None:
         cache = _quantized_cache(tensors, method.kv_bits, num_layers, len(ids), device, folder)
@@ -310,7 +312,7 @@ def load(folder: Path, facts: dict, method: Method, num_layers: int, device: Dev
             if f"keys.{i}" in tensors:
                 keys, values = tensors[f"keys.{i}"].to(devices[i]), tensors[f"values.{i}"].to(devices[i])
                 if keys.shape[-2] != len(ids):
-                    raise LongDocError(f"the saved reading in {folder} is damaged (layer {i}); read it again")
+                    raise LongDocError(f"the saved reading in {folder} is damaged (layer {i}); read the document again")
                 cache.update(keys, values, i)
     return ReadingCache(method=method, ids=ids, cache=cache, seconds=0.0)
 
@@ -327,13 +329,13 @@ def _quantized_cache(
             continue
         names = (*PARTS, "tail_keys", "tail_values")
         if any(f"{name}.{i}" not in tensors for name in names):
-            raise LongDocError(f"the saved reading in {folder} is damaged (layer {i}); read it again")
+            raise LongDocError(f"the saved reading in {folder} is damaged (layer {i}); read the document again")
         parts = {name: tensors[f"{name}.{i}"].to(devices[i]) for name in names}  # out of memory: the caller says so
         try:
             layer = QuantizedLayer.from_tensors(parts, bits)
         except (ValueError, RuntimeError):
             layer = None
         if layer is None or layer.length != tokens:
-            raise LongDocError(f"the saved reading in {folder} is damaged (layer {i}); read it again")
+            raise LongDocError(f"the saved reading in {folder} is damaged (layer {i}); read the document again")
         cache.layers[i] = layer
     return cache

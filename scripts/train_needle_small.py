@@ -9,8 +9,8 @@ lookup-attention loss, trained alone for 6.5 minutes on an H200 (benchmarks/resu
 `RECIPES=B WORKERS=12 MINUTES=6.5 DEADLINE=110 bash benchmarks/gpu.sh small OUT` runs that, then evaluates and
 tunes it (benchmarks/needle_small_ab.sh; without RECIPES it trains with and without the loss side by side).
 The seed fixes the examples, not the run: GPU kernels are not bitwise deterministic and the stages go by wall
-time, and key matching among distractors emerged in 2 of the 5 runs alone on an H200 (one at RoPE base 1e4; the
-model card).
+time, and key matching among distractors emerged in 2 of the 5 runs alone on an H200 (the bundled one and a
+3.75-minute one; not at RoPE base 1e4 nor in two runs of 6 and 6.5 minutes: the model card).
 
 What differs from needle-tiny (scripts/train_needle_model.py, whose template and curriculum it reuses):
 - The answer starts with the value (`{value}.`), so the prompt's last token (the assistant header's newline)
