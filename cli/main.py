@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 import sys
 from collections.abc import Iterator
@@ -120,8 +119,9 @@ def ask(
         )  # fmt: skip
         output = Output(as_json, evidence, quiet)
         document, reading = open_reading(request, cache, quiet)
-        for text in questions:
-            answer_question(reading, document, text, request, output, label=_label(questions, text))
+        for number, text in enumerate(questions, 1):
+            label = f"question {number}" if len(questions) > 1 else "question"
+            answer_question(reading, document, text, request, output, label, echo=len(questions) > 1)
     except LongDocError as exc:
         fail(in_flags(str(exc)))
 
@@ -136,10 +136,6 @@ def split_arguments(args: list[str], questions: list[str]) -> tuple[list[str], l
         if not text.strip():
             raise LongDocError("the question is empty; ask something about the document")
     return args, questions
-
-
-def _label(questions: list[str], text: str) -> str:
-    return f"question {questions.index(text) + 1}" if len(questions) > 1 else "question"
 
 
 @dataclass
@@ -183,6 +179,7 @@ def load_engine(request: AskRequest, quiet: bool):
         status.update(f"loading {request.model}")
         resolve_source(request.model)  # a missing or unreachable model fails now, not after torch has loaded
         from longdoc import LongDoc
+        from longdoc.model import quiet_transformers
 
         quiet_transformers()
         doc = LongDoc.from_pretrained(
@@ -196,14 +193,6 @@ def load_engine(request: AskRequest, quiet: bool):
             **request.options,
         )
     return document, doc
-
-
-def quiet_transformers() -> None:
-    """No transformers warnings or weight-loading bars among the CLI's own lines on stderr."""
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 def open_reading(request: AskRequest, cache: Path | None, quiet: bool):
@@ -288,8 +277,13 @@ def staged_progress(quiet: bool, label: str) -> Iterator:
         yield progress
 
 
-def answer_question(reading, document, question: str, request: AskRequest, output: Output, label: str) -> None:
-    """Stream one answer from the reading to stdout (or one JSON line), its evidence, and a summary on stderr."""
+def answer_question(
+    reading, document, question: str, request: AskRequest, output: Output, label: str, echo: bool = False
+) -> None:
+    """Stream one answer from the reading to stdout (or one JSON line), its evidence, and a summary on stderr;
+    `echo` heads the answer with its question (several questions on one command line)."""
+    if echo and not output.as_json:
+        out.print(Text.assemble((f"{label}: ", "bold"), question), soft_wrap=True)
     with staged_progress(output.quiet, label) as progress:
         stream = reading.stream(question, progress=progress, max_new_tokens=request.max_new_tokens)
     for piece in stream:
@@ -448,6 +442,8 @@ def batch(
             method, option, top_k=top_k, filter_layer=filter_layer, chunk_len=chunk_len, prefill_chunk=prefill_chunk
         )
         placement = parse_device_map(device_map)
+        from longdoc.model import quiet_transformers
+
         quiet_transformers()
         with progress_bar(quiet) as bar:
             task = bar.add_task("batch", total=None)

@@ -25,7 +25,7 @@ from pathlib import Path
 from .errors import LongDocError
 from .generate import GenerationConfig
 from .methods import Method, parse_method
-from .model import check_device_map
+from .model import check_device_map, quiet_transformers
 
 INSTALL_HINT = "pip install 'longdoc[batch]'"
 RUNNERS = ("auto", "ray", "local")
@@ -314,10 +314,7 @@ class RayAnswerer(Answerer):
     """An Answerer in a Ray worker process: transformers kept quiet there, jobs and answer lines as JSON columns."""
 
     def __init__(self, settings: Settings) -> None:
-        from transformers.utils import logging as hf_logging
-
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-        hf_logging.disable_progress_bar()
+        quiet_transformers()
         super().__init__(settings)
 
     def __call__(self, batch: dict) -> dict:

@@ -146,6 +146,15 @@ def pick_attention(device: str, requested: str | None = None) -> str:
     return ATTENTION
 
 
+def quiet_transformers() -> None:
+    """No transformers warnings or weight-loading bars among longdoc's own lines (the CLI, batch workers).
+    Through its own API: importing transformers sets its loggers' level, so a level set before would be lost."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_model(
     name_or_path: str,
     device: str = "auto",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -268,6 +269,8 @@ def save(reading: ReadingCache, folder: Path, facts: dict) -> Path:
     save_file(tensors, str(folder / TENSORS))
     meta = {**facts, "format": FORMAT, "ids_sha256": reading.key[1], "tokens": reading.length}
     (folder / META).write_text(json.dumps(meta, indent=1))
+    # safetensors writes 0600 whatever the umask: give both files the mode the umask gives (a shared cache folder).
+    (folder / TENSORS).chmod(stat.S_IMODE((folder / META).stat().st_mode))
     return folder
 
 

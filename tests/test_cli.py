@@ -6,6 +6,7 @@ import json
 import random
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -85,6 +86,16 @@ def test_text_answer_streams_with_evidence_and_stats(needle_pdf):
     assert value in answer
     assert "p.3" in evidence
     assert "gemfilter: kept" in result.stderr
+
+
+def test_transformers_warnings_stay_off_stderr_in_a_fresh_process(tmp_path):
+    """In-process tests import transformers first, which hides the order this depends on (its import resets levels)."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Some text to read.")
+    command = [sys.executable, "-m", "longdoc.cli.main", "ask", str(doc), "word " * 5000, "--model", MODEL]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "more than the model's 4096-token window" in result.stderr
+    assert "Token indices" not in result.stderr, result.stderr  # transformers' own warning about the same
 
 
 def test_a_method_that_reads_per_question_says_so(needle_pdf):

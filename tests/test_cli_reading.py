@@ -60,6 +60,12 @@ def test_ask_several_questions_from_one_reading_as_json_lines():
     assert result.stderr.count("gemfilter: kept 285/1526 tokens, reading reused (1500 tokens reused") == 3
 
 
+def test_several_questions_in_plain_text_are_headed_by_each_question():
+    result = run("ask", HAYSTACK, "-q", QUESTION, "-q", OTHER, "--no-evidence")
+    first, second = result.stdout.split(f"question 2: {OTHER}")
+    assert first.startswith(f"question 1: {QUESTION}") and VALUE in first
+
+
 def test_chat_answers_each_line_of_stdin_until_quit():
     result = run("chat", HAYSTACK, input=f"{QUESTION}\n\n{OTHER}\n/quit\n{QUESTION}\n")
     assert result.stdout.count(VALUE) >= 1

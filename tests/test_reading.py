@@ -80,6 +80,8 @@ def test_saved_reading_round_trip(tiny_model_dirs, tmp_path, method):
     path = tiny_model_dirs["phi3"]
     doc = load(path, method)
     doc.read(CONTEXT).save(tmp_path / "r")
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "r").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # both files as the umask gives (safetensors alone writes 0600)
     fresh = load(path, Full())
     loaded = fresh.load_reading(tmp_path / "r", method=method)
     for question in QUESTIONS[:2]:
