@@ -17,10 +17,11 @@ from langchain_core.prompts import ChatPromptTemplate
 from longdoc.integrations.langchain import ChatLongDoc, LongDocQA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from needle_folder import DEMO_MODEL, QUESTION_TEXT, write_folder  # noqa: E402
+from needle_folder import DEMO_MODEL, QUESTION_TEXT, require_books, write_folder  # noqa: E402
 
 
 def main() -> tuple[str, dict]:
+    require_books()
     chat = ChatLongDoc(model=str(DEMO_MODEL), method="gemfilter", max_tokens=32)  # settings: the model's longdoc.json
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_folder(Path(tmp) / "docs", chat._engine({})[0].tokenizer)

@@ -17,10 +17,12 @@ from longdoc.integrations.llama_index import LongDocLLM, LongDocQueryEngine
 from longdoc import LongDoc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from needle_folder import DEMO_MODEL, QUESTION_TEXT, write_folder  # noqa: E402
+from needle_folder import DEMO_MODEL, QUESTION_TEXT, require_books, write_folder  # noqa: E402
 
 
 def main(folder: Path | None = None) -> object:
+    if folder is None:
+        require_books()
     engine = LongDoc.from_pretrained(str(DEMO_MODEL), method="gemfilter", device="cpu")  # settings: its longdoc.json
     llm = LongDocLLM(engine=engine, model=str(DEMO_MODEL), max_new_tokens=32)
     with tempfile.TemporaryDirectory() as tmp:

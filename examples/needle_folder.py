@@ -23,10 +23,15 @@ QUESTION_TEXT = QUESTION.format(key=KEY)
 NEEDLE_TEXT = NEEDLE.format(key=KEY, value=VALUE)
 
 
-def write_folder(folder: Path, tokenizer, books: Path = BOOKS) -> Path:
-    """chapter-1.txt (no needle) and chapter-2.txt (the needle halfway), about 1,200 tokens each."""
+def require_books(books: Path = BOOKS) -> None:
+    """One line, before any model loads, when the corpus books are not there."""
     if not books.is_dir():
         raise SystemExit(f"the examples cut their documents from the corpus books, not found at {books}")
+
+
+def write_folder(folder: Path, tokenizer, books: Path = BOOKS) -> Path:
+    """chapter-1.txt (no needle) and chapter-2.txt (the needle halfway), about 1,200 tokens each."""
+    require_books(books)
     haystacks = Haystacks(load_books(books, held_out=True), tokenizer)
     rng = random.Random("example-folder")
     folder.mkdir(parents=True, exist_ok=True)

@@ -137,6 +137,13 @@ def test_the_example_runs(capsys):
     assert "chapter-2.txt" in capsys.readouterr().out
 
 
+def test_the_examples_say_in_one_line_when_the_corpus_is_missing(tmp_path):
+    from needle_folder import require_books
+
+    with pytest.raises(SystemExit, match=f"corpus books, not found at {tmp_path / 'none'}"):
+        require_books(tmp_path / "none")
+
+
 class Recorder(BaseCallbackHandler):
     """Records what a LangChain tracing tool would see."""
 
