@@ -215,7 +215,7 @@ def layers(
     def work():
         from longdoc import LongDoc
         from longdoc.bench.plots import check_plotting, lines
-        from longdoc.tune import score, sweep_filter_layer
+        from longdoc.tune import best_layer, layer_series, mean_score, score, sweep_filter_layer
 
         check_plotting()
         length_list = _ints(lengths)
@@ -232,9 +232,10 @@ def layers(
                 base, haystacks, config, length_list, samples, seed, advance, needles=needles
             )
         series = {f"{length} tokens": by_length[length] for length in length_list}
-        mean = {layer: _mean(series[s][layer] for s in series) for layer in range(num_layers)}
-        scores = {layer: score([r for r in records if r["filter_layer"] == layer]) for layer in range(num_layers)}
-        best = max(scores, key=lambda layer: (scores[layer], -layer))
+        mean = {layer: mean_score(by_length, layer) for layer in range(num_layers)}
+        by_score = layer_series(records, by_length, score)  # tune's score, chosen as tune chooses
+        scores = {layer: mean_score(by_score, layer) for layer in range(num_layers)}
+        best = best_layer(by_score)
         lines(
             out / "layers.png", f"GemFilter filter layer, {Path(model).name}", "filter layer", "exact answers", series
         )

@@ -201,7 +201,7 @@ def open_reading(request: AskRequest, cache: Path | None, quiet: bool):
     reading = _load_cached(doc, document, cache, quiet) if cache is not None else None
     if reading is None:
         reading = read_document(doc, document, quiet)
-        if reading.cache is None or reading.cache.cache is None:  # nothing is read ahead of the questions
+        if _per_question(reading):
             picked = " (auto's pick)" if request.method == "auto" else ""
             note(quiet, f"{reading.tokens} tokens; {reading.method.name}{picked} reads them anew for each question")
         else:
@@ -235,11 +235,16 @@ def _load_cached(doc, document, cache: Path, quiet: bool):
 
 
 def _save_cached(reading, cache: Path, quiet: bool) -> None:
-    if reading.cache is None or reading.cache.cache is None:
+    if _per_question(reading):
         note(quiet, f"--method {reading.method.name} recomputes per question: no reading to save in {cache}")
         return
     reading.save(cache)
     note(quiet, f"saved the reading to {cache} ({_mib(reading.nbytes)})")
+
+
+def _per_question(reading) -> bool:
+    """Nothing is read ahead of the questions: the method's work depends on each question."""
+    return reading.cache is None or reading.cache.cache is None
 
 
 def _seconds(reading) -> str:
@@ -247,7 +252,7 @@ def _seconds(reading) -> str:
 
 
 def _held(reading) -> str:
-    if reading.cache is None or reading.cache.cache is None:
+    if _per_question(reading):
         return f"--method {reading.method.name} recomputes per question"
     return f"{_mib(reading.nbytes)} held on {reading.cache.device}"
 

@@ -56,13 +56,13 @@ class Profile:
             return None
         settings = ", ".join(f"{k}={v}" for k, v in entry.get("options", {}).items()) or "defaults"
         measured = ""
-        if "accuracy" in entry:
-            measured = f" (needle accuracy {entry['accuracy']:.2f} on {entry.get('samples', '?')} samples)"
         if "grounded" in entry:  # tune's GemFilter entry: grounded = exact, with the needle as the strongest evidence
             measured = (
                 f" (grounded answers {entry['grounded']:.2f}, exact {entry['accuracy']:.2f}, on"
                 f" {entry.get('samples', '?')} haystacks of {entry.get('needles', '?')} needles)"
             )
+        elif "accuracy" in entry:
+            measured = f" (needle accuracy {entry['accuracy']:.2f} on {entry.get('samples', '?')} samples)"
         return f"profile {self.path}: {method} {settings}{measured}; explicit options win"
 
 

@@ -85,12 +85,17 @@ def score(records: list[dict]) -> float:
     return (accuracy(records) + grounded(records)) / 2
 
 
-def per_layer(records: list[dict], series: dict[int, dict[int, float]], metric) -> dict[str, dict[str, float]]:
-    """`metric` of a sweep's records per length and filter layer, as the profile stores it."""
+def layer_series(records: list[dict], series: dict[int, dict[int, float]], metric) -> dict[int, dict[int, float]]:
+    """`metric` of a sweep's records per length and filter layer (the lengths and layers of `series`)."""
     return {
-        str(n): {str(k): metric([r for r in records if r["length"] == n and r["filter_layer"] == k]) for k in by_layer}
+        n: {k: metric([r for r in records if r["length"] == n and r["filter_layer"] == k]) for k in by_layer}
         for n, by_layer in series.items()
     }
+
+
+def as_json(series: dict[int, dict[int, float]]) -> dict[str, dict[str, float]]:
+    """A series as the profile stores it (JSON keys are strings)."""
+    return {str(n): {str(k): v for k, v in by_layer.items()} for n, by_layer in series.items()}
 
 
 def tune_gemfilter(base, haystacks, options: dict, lengths: list[int], samples: int, seed: int, progress) -> dict:
@@ -134,9 +139,9 @@ def tune_gemfilter(base, haystacks, options: dict, lengths: list[int], samples: 
         needles=NEEDLES,
         samples=samples * len(lengths),
         lengths=lengths,
-        layer_score=per_layer(records, series, score),
-        layer_accuracy=per_layer(records, series, accuracy),
-        layer_grounded=per_layer(records, series, grounded),
+        layer_score=as_json(series),  # the sweep's own metric
+        layer_accuracy=as_json(layer_series(records, series, accuracy)),
+        layer_grounded=as_json(layer_series(records, series, grounded)),
     )
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from longdoc import LongDoc  # noqa: E402
 from longdoc.bench.evaluate import grounded, needle_records  # noqa: E402
 from longdoc.bench.needle import Haystacks, is_correct, load_books  # noqa: E402
-from longdoc.tune import NEEDLES, score  # noqa: E402
+from longdoc.tune import NEEDLES, best_layer, score  # noqa: E402
 
 # GemFilter scoring: the paper's (last query token, raw logits, pool 5) and needle-tiny's model-card settings.
 PRESETS = {
@@ -143,7 +143,7 @@ def main() -> None:
             gem = doc.with_method("gemfilter", filter_layer=layer, **options)
             name = f"gemfilter-{args.gem}-sweep-L{layer}"
             sweep[layer] = run(name, gem, lengths[-1], NEEDLES, args.sweep_samples)["score"]
-        best = max(sweep, key=lambda k: (sweep[k], -k))
+        best = best_layer({lengths[-1]: sweep})  # as tune picks: the best score, the earliest of equals
         gem = doc.with_method("gemfilter", filter_layer=best, **options)
         for length in lengths:
             run(f"gemfilter-{args.gem}-L{best}", gem, length, 1, args.samples)
